@@ -1,0 +1,1 @@
+"""jaxbn experiments: runnable studies of batch norm, layer norm and dropout."""

@@ -1,0 +1,101 @@
+"""Argument checks shared by the public functions.
+
+Every check runs at trace time on static information (shapes, dtypes, Python options) and raises a
+``ValueError`` or ``TypeError`` that names the argument, what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_train(train: Any) -> None:
+    """``train`` selects a code path at trace time, so it must be a Python bool."""
+    if not isinstance(train, (bool, np.bool_)):
+        raise TypeError(
+            f"train must be a Python bool (True for batch statistics, False for running "
+            f"statistics); got {train!r} of type {type(train).__name__}."
+        )
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {allowed}; got {value!r}.")
+
+
+def check_float_array(name: str, x: Any) -> jax.Array:
+    """Returns ``x`` as an array after checking that it has a floating dtype."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64); "
+            f"got {x.dtype}."
+        )
+    return jnp.asarray(x)
+
+
+def check_ndim(name: str, x: jax.Array, *, min_ndim: int | None = None,
+               ndim: int | None = None, what: str = "") -> None:
+    hint = f" ({what})" if what else ""
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions{hint}; got shape {tuple(x.shape)}.")
+    if min_ndim is not None and x.ndim < min_ndim:
+        raise ValueError(
+            f"{name} must have at least {min_ndim} dimensions{hint}; got shape {tuple(x.shape)}."
+        )
+
+
+def check_param(name: str, p: Any, num_features: int, what: str) -> jax.Array:
+    """Checks a per-feature vector: floating, exactly shape ``(num_features,)``.
+
+    Shapes such as ``(1, D)`` would broadcast silently, so they are rejected too.
+    """
+    p = check_float_array(name, p)
+    if tuple(p.shape) != (num_features,):
+        raise ValueError(
+            f"{name} must have shape ({num_features},), one value per {what}; "
+            f"got shape {tuple(p.shape)}."
+        )
+    return p
+
+
+def check_axis(name: str, axis: Any, ndim: int) -> int:
+    """Returns ``axis`` normalized to ``[0, ndim)``."""
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"{name} must be an int; got {axis!r} of type {type(axis).__name__}.")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name} must be in [{-ndim}, {ndim}) for an input of rank {ndim}; "
+                         f"got {axis}.")
+    return int(axis) % ndim
+
+
+def check_real(name: str, value: Any, *, low: float, high: float | None = None,
+               low_open: bool = False) -> float:
+    """Returns ``value`` as a Python float after checking that it lies in range.
+
+    The value must be concrete (a Python or numpy number): it configures the computation.
+    """
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(
+            f"{name} must be a Python number; got {value!r} of type {type(value).__name__}."
+        )
+    value = float(value)
+    bad_low = value <= low if low_open else value < low
+    bad_high = high is not None and value > high
+    if bad_low or bad_high or not np.isfinite(value):
+        left = "(" if low_open else "["
+        right = f"{high}]" if high is not None else "inf)"
+        raise ValueError(f"{name} must be in {left}{low}, {right}; got {value}.")
+    return value
+
+
+def stat_dtype(*dtypes: Any) -> jnp.dtype:
+    """The dtype statistics are accumulated in: at least float32, float64 under x64 inputs."""
+    return jnp.result_type(jnp.float32, *dtypes)

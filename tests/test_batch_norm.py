@@ -1,0 +1,471 @@
+"""Batch norm and spatial batch norm: gradients, invariants, numerics and bad input."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jaxbn
+from jaxbn import reference
+from helpers import cs231n_rel_error, max_rel_error, numerical_vjp, rand, vjps
+
+RULES = ["alt", "graph"]
+
+# (shape, feature axis): rank 2..4, the feature axis first, middle and last.
+CASES = [((8, 5), -1), ((16, 3), 1), ((6, 4, 3), 1), ((5, 2, 3, 4), 0), ((4, 3, 5, 2), 1),
+         ((3, 4, 2, 6), -1)]
+CASE_IDS = [f"{'x'.join(map(str, s))}-axis{a}" for s, a in CASES]
+
+
+def _params(num_features, dtype, seed=1):
+    gamma = rand(seed, (num_features,), dtype, scale=0.5, offset=1.0)
+    beta = rand(seed + 1, (num_features,), dtype)
+    return gamma, beta
+
+
+def _state(num_features, seed=3):
+    return jaxbn.BatchNormState(rand(seed, (num_features,), jnp.float32),
+                                jnp.abs(rand(seed + 1, (num_features,), jnp.float32)) + 0.5)
+
+
+def _bn_fn(state, backward, axis):
+    return lambda x, g, b: jaxbn.batch_norm(x, g, b, state, train=True, axis=axis,
+                                            backward=backward)[0]
+
+
+def _ref_fn(axis):
+    return lambda x, g, b: reference.batch_norm_train(x, g, b, axis=axis)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient equivalence under random cotangents (never grad(sum(y)): it is identically zero).
+
+
+@pytest.mark.parametrize("backward", RULES)
+@pytest.mark.parametrize("shape,axis", CASES, ids=CASE_IDS)
+def test_vjp_matches_autodiff_float64(backward, shape, axis):
+    x = rand(0, shape, jnp.float64, scale=2.0, offset=0.5)
+    args = (x, *_params(shape[axis], jnp.float64))
+    state = jaxbn.init_batch_norm_state(shape[axis], jnp.float64)
+    y, grads = vjps(_bn_fn(state, backward, axis), args)
+    y_ref, grads_ref = vjps(_ref_fn(axis), args)
+    assert max_rel_error(y, y_ref) <= 1e-12
+    for name, g, g_ref in zip(("dx", "dgamma", "dbeta"), grads, grads_ref):
+        assert g.shape == g_ref.shape and g.dtype == jnp.float64, name
+        assert max_rel_error(g, g_ref) <= 1e-10, name
+
+
+@pytest.mark.parametrize("backward", RULES)
+@pytest.mark.parametrize("shape,axis", CASES + [((256, 7), 1)], ids=CASE_IDS + ["256x7-axis1"])
+def test_vjp_matches_autodiff_float32(backward, shape, axis):
+    """float32 against the float64 ground truth, tolerance scaled with the reduction size."""
+    x64 = rand(0, shape, jnp.float64, scale=2.0, offset=0.5)
+    p64 = _params(shape[axis], jnp.float64)
+    m = x64.size // shape[axis]
+    state = jaxbn.init_batch_norm_state(shape[axis])
+    args32 = (x64.astype(jnp.float32), *(p.astype(jnp.float32) for p in p64))
+    y, grads = vjps(_bn_fn(state, backward, axis), args32)
+    _, grads_ref = vjps(_ref_fn(axis), (x64, *p64))
+    tol = 4e-7 * np.sqrt(m) + 1e-6
+    for name, g, g_ref in zip(("dx", "dgamma", "dbeta"), grads, grads_ref):
+        assert g.dtype == jnp.float32, name
+        assert max_rel_error(g, g_ref) <= tol, name
+
+
+@pytest.mark.parametrize("backward", RULES)
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
+def test_spatial_vjp_matches_autodiff(backward, layout, dtype):
+    shape = (4, 3, 5, 6) if layout == "NCHW" else (4, 5, 6, 3)
+    axis = 1 if layout == "NCHW" else 3
+    x = rand(0, shape, dtype, scale=2.0, offset=-1.0)
+    args = (x, *_params(3, dtype))
+    state = jaxbn.init_batch_norm_state(3, dtype)
+    fn = lambda x, g, b: jaxbn.spatial_batch_norm(x, g, b, state, train=True, layout=layout,
+                                                  backward=backward)[0]
+    y, grads = vjps(fn, args)
+    y_ref, grads_ref = vjps(_ref_fn(axis), args)
+    tol = 1e-10 if dtype == jnp.float64 else 4e-7 * np.sqrt(120) + 1e-6
+    assert max_rel_error(y, y_ref) <= tol
+    for g, g_ref in zip(grads, grads_ref):
+        assert max_rel_error(g, g_ref) <= tol
+
+
+def test_rules_are_not_trivially_equal_to_a_wrong_gradient():
+    """Sanity of the comparison itself: a backward that ignores the statistics is caught."""
+    x = rand(0, (8, 5))
+    args = (x, *_params(5, jnp.float64))
+    _, grads_ref = vjps(_ref_fn(-1), args)
+    gamma = args[1]
+    sg = jax.lax.stop_gradient
+    _, pullback = jax.vjp(lambda x: (x - sg(x.mean(0))) / sg(x.std(0)) * gamma, x)
+    wrong = pullback(jax.random.normal(jax.random.key(123), x.shape, jnp.float64))[0]
+    assert max_rel_error(wrong, grads_ref[0]) > 1e-3
+
+
+@pytest.mark.parametrize("backward", RULES)
+def test_second_order_check_grads(backward):
+    x = rand(0, (6, 3), scale=1.5)
+    state = jaxbn.init_batch_norm_state(3, jnp.float64)
+    check_grads(_bn_fn(state, backward, -1), (x, *_params(3, jnp.float64)), order=2,
+                modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backward", RULES)
+def test_hessian_matches_autodiff(backward):
+    x = rand(0, (5, 3))
+    gamma, beta = _params(3, jnp.float64)
+    state = jaxbn.init_batch_norm_state(3, jnp.float64)
+    loss = lambda fn: (lambda x: jnp.sum(jnp.sin(fn(x, gamma, beta)) * jnp.arange(15.).reshape(5, 3)))
+    h = jax.hessian(loss(_bn_fn(state, backward, -1)))(x)
+    h_ref = jax.hessian(loss(_ref_fn(-1)))(x)
+    assert max_rel_error(h, h_ref) <= 1e-10
+
+
+@pytest.mark.parametrize("backward", RULES)
+@pytest.mark.parametrize("spatial", [False, True], ids=["flat", "spatial"])
+def test_finite_differences_float64(backward, spatial):
+    if spatial:
+        x = rand(0, (2, 3, 2, 3), scale=2.0, offset=3.0)
+        state = jaxbn.init_batch_norm_state(3, jnp.float64)
+        fn = lambda x, g, b: jaxbn.spatial_batch_norm(x, g, b, state, train=True,
+                                                      backward=backward)[0]
+    else:
+        x = rand(0, (5, 4), scale=2.0, offset=3.0)
+        state = jaxbn.init_batch_norm_state(4, jnp.float64)
+        fn = _bn_fn(state, backward, -1)
+    args = (x, *_params(x.shape[1], jnp.float64))
+    y, grads = vjps(fn, args, seed=7)
+    cot = jax.random.normal(jax.random.key(7), y.shape, jnp.float64)
+    jitted = jax.jit(fn)
+    for i, g in enumerate(grads):
+        assert cs231n_rel_error(g, numerical_vjp(jitted, args, cot, i)) <= 1e-8
+
+
+def test_autodiff_backward_supports_jvp():
+    x = rand(0, (6, 3))
+    gamma, beta = _params(3, jnp.float64)
+    state = jaxbn.init_batch_norm_state(3, jnp.float64)
+    fn = lambda x: jaxbn.batch_norm(x, gamma, beta, state, train=True, backward="autodiff")[0]
+    t = rand(1, x.shape)
+    _, tangent = jax.jvp(fn, (x,), (t,))
+    _, tangent_ref = jax.jvp(lambda x: reference.batch_norm_train(x, gamma, beta)[0], (x,), (t,))
+    np.testing.assert_allclose(tangent, tangent_ref, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Invariants.
+
+
+@pytest.mark.parametrize("backward", ["alt", "graph", "autodiff"])
+def test_train_mode_output_mean_is_beta_and_std_is_gamma(backward):
+    x = rand(0, (200, 4), jnp.float32, scale=3.0, offset=-2.0)
+    gamma = jnp.array([1.0, 2.0, 0.5, 3.0], jnp.float32)
+    beta = jnp.array([0.0, -1.0, 4.0, 0.25], jnp.float32)
+    y, _ = jaxbn.batch_norm(x, gamma, beta, jaxbn.init_batch_norm_state(4), train=True,
+                            backward=backward)
+    np.testing.assert_allclose(y.mean(0), beta, atol=1e-5)
+    np.testing.assert_allclose(y.std(0), gamma, rtol=1e-4)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.3, 0.9, 1.0])
+def test_running_statistics_formula(momentum):
+    x = rand(0, (10, 3), jnp.float64, scale=2.0, offset=1.0)
+    state = _state(3)
+    state = jaxbn.BatchNormState(state.mean.astype(jnp.float64), state.var.astype(jnp.float64))
+    gamma, beta = _params(3, jnp.float64)
+    _, new = jaxbn.batch_norm(x, gamma, beta, state, train=True, momentum=momentum)
+    xn = np.asarray(x)
+    np.testing.assert_allclose(new.mean, momentum * np.asarray(state.mean)
+                               + (1 - momentum) * xn.mean(0), rtol=1e-13)
+    # The biased variance (ddof=0), as the paper and cs231n use.
+    np.testing.assert_allclose(new.var, momentum * np.asarray(state.var)
+                               + (1 - momentum) * xn.var(0), rtol=1e-13)
+
+
+def test_spatial_running_statistics_are_per_channel():
+    x = rand(0, (4, 3, 5, 2), jnp.float64, offset=2.0)
+    state = jaxbn.init_batch_norm_state(3, jnp.float64)
+    _, new = jaxbn.spatial_batch_norm(x, jnp.ones(3), jnp.zeros(3), state, train=True,
+                                      momentum=0.5)
+    xn = np.asarray(x)
+    np.testing.assert_allclose(new.mean, 0.5 * xn.mean((0, 2, 3)), rtol=1e-13)
+    np.testing.assert_allclose(new.var, 0.5 + 0.5 * xn.var((0, 2, 3)), rtol=1e-13)
+
+
+@pytest.mark.parametrize("layout", ["flat", "NCHW", "NHWC"])
+def test_test_mode_uses_running_statistics_and_keeps_state(layout):
+    shape = {"flat": (7, 3), "NCHW": (2, 3, 4, 4), "NHWC": (2, 4, 4, 3)}[layout]
+    x = rand(0, shape, jnp.float32, scale=2.0)
+    gamma, beta = _params(3, jnp.float32)
+    state = _state(3)
+    if layout == "flat":
+        y, new = jaxbn.batch_norm(x, gamma, beta, state, train=False)
+        bshape = (1, 3)
+    else:
+        y, new = jaxbn.spatial_batch_norm(x, gamma, beta, state, train=False, layout=layout)
+        bshape = (1, 3, 1, 1) if layout == "NCHW" else (1, 1, 1, 3)
+    r = lambda a: np.asarray(a, np.float64).reshape(bshape)
+    # sqrt(var + eps), not var + eps (a bug of one of the write-ups).
+    expected = (np.asarray(x, np.float64) - r(state.mean)) / np.sqrt(r(state.var) + 1e-5) \
+        * r(gamma) + r(beta)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    assert all(np.array_equal(a, b) for a, b in zip(new, state))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_no_gradient_through_state(train):
+    x = rand(0, (6, 3))
+    gamma, beta = _params(3, jnp.float64)
+
+    def loss(state):
+        y, new = jaxbn.batch_norm(x, gamma, beta, state, train=train)
+        w = jnp.arange(18.0).reshape(6, 3)
+        return jnp.sum(y * w) + jnp.sum(new.mean * 3.0) + jnp.sum(new.var * 5.0)
+
+    grads = jax.grad(loss)(jaxbn.BatchNormState(rand(1, (3,)), jnp.ones(3) * 2.0))
+    assert all(np.all(np.asarray(g) == 0.0) for g in grads)
+
+
+@pytest.mark.parametrize("backward", RULES)
+def test_jit_equals_eager(backward):
+    x = rand(0, (9, 4), jnp.float32)
+    gamma, beta = _params(4, jnp.float32)
+    state = _state(4)
+
+    def step(x, gamma, beta, state):
+        (y, new), pullback = jax.vjp(
+            lambda x, g, b: jaxbn.batch_norm(x, g, b, state, train=True, backward=backward),
+            x, gamma, beta)
+        return y, new, pullback((jnp.cos(y), jax.tree.map(jnp.zeros_like, new)))
+
+    eager = step(x, gamma, beta, state)
+    jitted = jax.jit(step)(x, gamma, beta, state)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("backward", RULES)
+def test_vmap_over_batches_equals_loop(backward):
+    """Independent batches stacked on a leading axis, each with its own running statistics."""
+    xs = rand(0, (3, 8, 4), jnp.float64, scale=2.0)
+    gamma, beta = _params(4, jnp.float64)
+    states = jaxbn.BatchNormState(rand(1, (3, 4)), jnp.ones((3, 4)) + rand(2, (3, 4)) ** 2)
+    cot = rand(5, xs.shape)
+
+    def run(x, state):
+        fn = lambda x, g: jaxbn.batch_norm(x, g, beta, state, train=True, backward=backward)
+        (y, new), pullback = jax.vjp(fn, x, gamma)
+        return y, new, pullback((cot[0] * 0 + 1.0, jax.tree.map(jnp.zeros_like, new)))
+
+    batched = jax.vmap(run)(xs, states)
+    for i in range(3):
+        single = run(xs[i], jax.tree.map(lambda a: a[i], states))
+        for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(batched)):
+            np.testing.assert_allclose(b[i], a, rtol=1e-12, atol=1e-12)
+
+
+def test_scan_over_steps_equals_python_loop():
+    xs = rand(0, (5, 6, 3), jnp.float32, offset=2.0)
+    gamma, beta = _params(3, jnp.float32)
+
+    def step(state, x):
+        y, state = jaxbn.batch_norm(x, gamma, beta, state, train=True, momentum=0.7)
+        return state, y
+
+    final, ys = jax.lax.scan(step, jaxbn.init_batch_norm_state(3), xs)
+    state = jaxbn.init_batch_norm_state(3)
+    for i in range(5):
+        state, y = step(state, xs[i])
+        np.testing.assert_allclose(ys[i], y, rtol=1e-6, atol=1e-6)
+    for a, b in zip(final, state):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_grad_of_a_loss_through_jit_and_grad():
+    """The user's composition: jax.jit(jax.grad(loss)) with the custom rule equals autodiff."""
+    x = rand(0, (16, 5), jnp.float64)
+    w = rand(1, (5, 5))
+    target = rand(2, (16, 5))
+    state = jaxbn.init_batch_norm_state(5, jnp.float64)
+
+    def loss(params, backward):
+        w, gamma, beta = params
+        y, _ = jaxbn.batch_norm(x @ w, gamma, beta, state, train=True, backward=backward)
+        return jnp.mean((jnp.tanh(y) - target) ** 2)
+
+    params = (w, *_params(5, jnp.float64))
+    g = jax.jit(jax.grad(loss), static_argnums=1)(params, "alt")
+    g_ref = jax.grad(loss)(params, "autodiff")
+    for a, b in zip(g, g_ref):
+        assert max_rel_error(a, b) <= 1e-10
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerics.
+
+
+@pytest.mark.parametrize("backward", ["alt", "graph", "autodiff"])
+@pytest.mark.parametrize("spatial", [False, True], ids=["flat", "spatial"])
+def test_large_offset_float32_variance_is_accurate(backward, spatial):
+    """|mean| >> std: E[x^2] - E[x]^2 would lose every digit here."""
+    if spatial:
+        x = rand(0, (16, 3, 8, 8), jnp.float32, offset=1e4)
+        y, state = jaxbn.spatial_batch_norm(x, jnp.ones(3, jnp.float32), jnp.zeros(3, jnp.float32),
+                                            jaxbn.init_batch_norm_state(3), train=True,
+                                            momentum=0.0, backward=backward)
+        std = np.asarray(y, np.float64).std((0, 2, 3))
+    else:
+        x = rand(0, (4096, 3), jnp.float32, offset=1e4)
+        y, state = jaxbn.batch_norm(x, jnp.ones(3, jnp.float32), jnp.zeros(3, jnp.float32),
+                                    jaxbn.init_batch_norm_state(3), train=True, momentum=0.0,
+                                    backward=backward)
+        std = np.asarray(y, np.float64).std(0)
+    assert np.all(np.abs(std - 1.0) <= 1e-3), std
+    exact_var = np.asarray(x, np.float64).var((0, 2, 3) if spatial else 0)
+    np.testing.assert_allclose(state.var, exact_var, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backward", RULES)
+def test_large_offset_float32_gradient_is_accurate(backward):
+    x = rand(0, (512, 3), jnp.float32, offset=1e4)
+    gamma, beta = _params(3, jnp.float32)
+    state = jaxbn.init_batch_norm_state(3)
+    _, grads = vjps(_bn_fn(state, backward, -1), (x, gamma, beta))
+    x64 = np.asarray(x, np.float64)  # the float32 values, exactly, in float64
+    _, grads_ref = vjps(_ref_fn(-1), (jnp.asarray(x64), gamma.astype(jnp.float64),
+                                      beta.astype(jnp.float64)))
+    for g, g_ref in zip(grads, grads_ref):
+        assert max_rel_error(g, g_ref) <= 1e-3
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("backward", ["alt", "graph", "autodiff"])
+def test_low_precision_inputs(dtype, backward):
+    x32 = rand(0, (64, 4), jnp.float32, scale=2.0, offset=3.0)
+    x = x32.astype(dtype)
+    gamma, beta = _params(4, jnp.float32)
+    state = jaxbn.init_batch_norm_state(4)
+    fn = lambda x, g, b: jaxbn.batch_norm(x, g, b, state, train=True, backward=backward)
+    (y, new), pullback = jax.vjp(fn, x, gamma, beta)
+    assert y.dtype == dtype
+    assert new.mean.dtype == jnp.float32 and new.var.dtype == jnp.float32
+    cot = rand(9, y.shape, jnp.float32)
+    dx, dgamma, dbeta = pullback((cot.astype(dtype), jax.tree.map(jnp.zeros_like, new)))
+    assert dx.dtype == dtype and dgamma.dtype == jnp.float32 and dbeta.dtype == jnp.float32
+    # Compared with float64 math on the same (rounded) inputs, errors are those of one rounding.
+    x64 = jnp.asarray(np.asarray(x.astype(jnp.float32), np.float64))
+    y_ref, pull_ref = jax.vjp(_ref_fn(-1), x64, gamma.astype(jnp.float64), beta.astype(jnp.float64))
+    grads_ref = pull_ref(jnp.asarray(np.asarray(cot.astype(dtype).astype(jnp.float32), np.float64)))
+    tol = 1e-2 if dtype == jnp.bfloat16 else 2e-3
+    assert max_rel_error(y, y_ref) <= tol
+    assert max_rel_error(dx, grads_ref[0]) <= tol
+    assert max_rel_error(dgamma, grads_ref[1]) <= 1e-4
+    np.testing.assert_allclose(new.mean, 0.1 * np.asarray(x64).mean(0), rtol=1e-5)
+
+
+def test_float64_end_to_end():
+    x = rand(0, (8, 3))
+    gamma, beta = _params(3, jnp.float64)
+    state = jaxbn.init_batch_norm_state(3, jnp.float64)
+    (y, new), pullback = jax.vjp(lambda x, g, b: jaxbn.batch_norm(x, g, b, state, train=True),
+                                 x, gamma, beta)
+    grads = pullback((y, jax.tree.map(jnp.zeros_like, new)))
+    assert y.dtype == jnp.float64 and new.mean.dtype == jnp.float64
+    assert all(g.dtype == jnp.float64 for g in grads)
+
+
+def test_residuals_are_one_input_sized_array():
+    """The VJP keeps x (in its own dtype) and per-feature vectors, never a float32 x_hat."""
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = rand(0, (64, 16), dtype)
+        gamma, beta = _params(16, jnp.float32)
+        state = jaxbn.init_batch_norm_state(16)
+        _, pullback = jax.vjp(_bn_fn(state, "alt", -1), x, gamma, beta)
+        leaves = [leaf for leaf in jax.tree.leaves(pullback) if hasattr(leaf, "nbytes")]
+        big = [leaf for leaf in leaves if leaf.size > 16]
+        assert len(big) == 1 and big[0].dtype == dtype and big[0].shape == x.shape
+        assert sum(leaf.nbytes for leaf in leaves) <= 1.05 * x.nbytes + 16 * 4 * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument, eagerly and under the user's jit.
+
+D = 4
+GOOD = dict(x=np.ones((3, D), np.float32), gamma=np.ones(D, np.float32),
+            beta=np.zeros(D, np.float32))
+
+BAD = [
+    ("gamma-1xD", dict(gamma=np.ones((1, D), np.float32)), {}, ValueError, "gamma"),
+    ("beta-short", dict(beta=np.zeros(D - 1, np.float32)), {}, ValueError, "beta"),
+    ("state-mean-shape", dict(state=jaxbn.BatchNormState(jnp.zeros((1, D)), jnp.ones(D))), {},
+     ValueError, "state.mean"),
+    ("state-var-shape", dict(state=jaxbn.BatchNormState(jnp.zeros(D), jnp.ones(D + 1))), {},
+     ValueError, "state.var"),
+    ("state-not-a-state", dict(state=jnp.zeros(D)), {}, TypeError, "state"),
+    ("axis-out-of-range", {}, dict(axis=2), ValueError, "axis"),
+    ("x-rank-1", dict(x=np.ones(D, np.float32)), {}, ValueError, "x must have at least 2"),
+    ("x-int", dict(x=np.ones((3, D), np.int32)), {}, TypeError, "x must have a floating"),
+    ("one-value-per-feature", dict(x=np.ones((1, D), np.float32)), {}, ValueError,
+     "at least 2 values"),
+    ("backward-unknown", {}, dict(backward="fast"), ValueError, "backward must be one of"),
+    ("momentum-above-1", {}, dict(momentum=1.5), ValueError, "momentum"),
+    ("momentum-negative", {}, dict(momentum=-0.1), ValueError, "momentum"),
+    ("eps-zero", {}, dict(eps=0.0), ValueError, "eps"),
+    ("eps-negative", {}, dict(eps=-1e-5), ValueError, "eps"),
+    ("train-string", {}, dict(train="test"), TypeError, "train must be a Python bool"),
+    ("train-none", {}, dict(train=None), TypeError, "train must be a Python bool"),
+]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("override,options,error,match", [b[1:] for b in BAD],
+                         ids=[b[0] for b in BAD])
+def test_bad_input_batch_norm(override, options, error, match, jit):
+    args = {**GOOD, "state": jaxbn.init_batch_norm_state(D), **override}
+    kwargs = dict(dict(train=True), **options)
+    call = lambda x, gamma, beta, state: jaxbn.batch_norm(x, gamma, beta, state, **kwargs)
+    if jit:
+        call = jax.jit(call)
+    with pytest.raises(error, match=match):
+        call(args["x"], args["gamma"], args["beta"], args["state"])
+
+
+SPATIAL_BAD = [
+    ("x-rank-3", dict(x=np.ones((2, 3, 4), np.float32)), {}, ValueError, "x must have 4"),
+    ("layout-unknown", {}, dict(layout="CHWN"), ValueError, "layout must be one of"),
+    ("gamma-broadcastable", dict(gamma=np.ones((1, 3, 1, 1), np.float32)), {}, ValueError,
+     "gamma"),
+    ("gamma-wrong-channels-for-NHWC", {}, dict(layout="NHWC"), ValueError, "gamma"),
+    ("backward-unknown", {}, dict(backward="naive"), ValueError, "backward"),
+]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("override,options,error,match", [b[1:] for b in SPATIAL_BAD],
+                         ids=[b[0] for b in SPATIAL_BAD])
+def test_bad_input_spatial_batch_norm(override, options, error, match, jit):
+    args = {"x": np.ones((2, 3, 4, 5), np.float32), "gamma": np.ones(3, np.float32),
+            "beta": np.zeros(3, np.float32), **override}
+    kwargs = dict(dict(train=True), **options)
+    call = lambda x, g, b: jaxbn.spatial_batch_norm(x, g, b, jaxbn.init_batch_norm_state(3),
+                                                    **kwargs)
+    if jit:
+        call = jax.jit(call)
+    with pytest.raises(error, match=match):
+        call(args["x"], args["gamma"], args["beta"])
+
+
+def test_init_state_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_features"):
+        jaxbn.init_batch_norm_state(0)
+    with pytest.raises(TypeError, match="dtype"):
+        jaxbn.init_batch_norm_state(3, jnp.int32)
+    state = jaxbn.init_batch_norm_state(3)
+    assert np.array_equal(state.mean, np.zeros(3)) and np.array_equal(state.var, np.ones(3))
+    assert state.mean.dtype == jnp.float32
