@@ -1,11 +1,16 @@
 """jaxbn: batch normalization, its relatives and dropout for JAX, with hand-written VJPs."""
 
 from jaxbn._batch_norm import BatchNormState, batch_norm, init_batch_norm_state, spatial_batch_norm
+from jaxbn._dropout import dropout
+from jaxbn._layer_norm import group_norm, layer_norm
 
 __all__ = [
     "BatchNormState",
     "batch_norm",
+    "dropout",
+    "group_norm",
     "init_batch_norm_state",
+    "layer_norm",
     "spatial_batch_norm",
 ]
 

@@ -89,18 +89,26 @@ def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *,
     return normalize(x, gamma, beta, (x.ndim - 1,), eps)[0]
 
 
+def group_layout(shape: Sequence[int], groups: int, layout: str):
+    """How group norm views image data: channels split into ``(groups, C // groups)``.
+
+    Returns ``(split_shape, param_shape, stat_axes)``: the free reshape of x that separates the
+    groups, the shape per-channel parameters broadcast as against it, and the axes each group's
+    statistics reduce over (channels in the group, H, W).
+    """
+    if layout == "NCHW":
+        n, c, h, w = shape
+        return ((n, groups, c // groups, h, w), (1, groups, c // groups, 1, 1), (2, 3, 4))
+    n, h, w, c = shape
+    return (n, h, w, groups, c // groups), (1, 1, 1, groups, c // groups), (1, 2, 4)
+
+
 def group_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, groups: int,
                eps: float = 1e-5, layout: str = "NCHW") -> jax.Array:
     """Group norm of (N, C, H, W) or (N, H, W, C) data, per-channel ``gamma``/``beta`` ``(C,)``."""
-    if layout == "NCHW":
-        n, c, h, w = x.shape
-        xg = x.reshape(n, groups, c // groups, h, w)
-        pshape, stat_axes = (1, groups, c // groups, 1, 1), (2, 3, 4)
-    else:
-        n, h, w, c = x.shape
-        xg = x.reshape(n, h, w, groups, c // groups)
-        pshape, stat_axes = (1, 1, 1, groups, c // groups), (1, 2, 4)
-    y = normalize(xg, gamma.reshape(pshape), beta.reshape(pshape), stat_axes, eps)[0]
+    split, param_shape, stat_axes = group_layout(x.shape, groups, layout)
+    y = normalize(x.reshape(split), gamma.reshape(param_shape), beta.reshape(param_shape),
+                  stat_axes, eps)[0]
     return y.reshape(x.shape)
 
 
