@@ -155,9 +155,14 @@ def _batch_norm(x, gamma, beta, state, *, train, momentum, eps, axis, backward):
         )
     config = Config(stat_axes=stat_axes, eps=eps, backward=backward)
     y, mean, var = normalize(x, gamma.reshape(shape), beta.reshape(shape), config)
-    mean, var = jax.lax.stop_gradient((mean.reshape(-1), var.reshape(-1)))
-    new_state = BatchNormState(
+    return y, update_state(state, mean.reshape(-1), var.reshape(-1), momentum)
+
+
+def update_state(state: BatchNormState, mean: jax.Array, var: jax.Array,
+                 momentum: float) -> BatchNormState:
+    """``momentum * running + (1 - momentum) * batch`` for both statistics, without gradient."""
+    mean, var = jax.lax.stop_gradient((mean, var))
+    return BatchNormState(
         (momentum * state.mean + (1.0 - momentum) * mean).astype(state.mean.dtype),
         (momentum * state.var + (1.0 - momentum) * var).astype(state.var.dtype),
     )
-    return y, new_state

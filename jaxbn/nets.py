@@ -1,0 +1,271 @@
+"""Networks built from jaxbn's layers, as pure functions on pytrees.
+
+- :func:`init_mlp` / :func:`apply_mlp`: ``{affine - [batch norm | layer norm] - relu - [dropout]}
+  x (L - 1) - affine``, cs231n's ``FullyConnectedNet``;
+- :func:`init_conv_net` / :func:`apply_conv_net`: ``{conv - [spatial batch norm] - relu - 2x2 max
+  pool} x len(conv_channels)``, then the MLP as the head, for NCHW images;
+- :func:`softmax_cross_entropy` and :func:`l2_penalty`, the loss.
+
+Parameters are a dict of arrays (cs231n's names: ``W1``, ``b1``, ``gamma1``, ``beta1``, ...; the
+conv net's are ``conv1_W``, ``conv1_b``, ``conv1_gamma``, ``conv1_beta``, ... plus the head's); the
+state is a :class:`NetState` whose leaves are the running statistics and whose static metadata holds
+the architecture's options, so ``apply`` needs no configuration argument and works under ``jit``,
+``vmap`` and ``grad``.
+
+Shapes: ``N`` batch, ``D`` input features, ``C, H, W`` image channels/height/width, ``K`` classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxbn import _checks
+from jaxbn._batch_norm import BatchNormState, batch_norm, init_batch_norm_state, spatial_batch_norm
+from jaxbn._dropout import dropout
+from jaxbn._layer_norm import group_norm, layer_norm
+
+NORMALIZATIONS = (None, "batchnorm", "layernorm")
+
+
+@dataclasses.dataclass(frozen=True)
+class NetState:
+    """Running statistics of a network plus its static options (a pytree).
+
+    Only ``batch_norm`` holds arrays; the other fields are static metadata (part of the tree
+    structure), so ``jit`` specializes on them and ``vmap`` leaves them alone.
+    """
+
+    batch_norm: tuple[BatchNormState, ...]  # one per batch-normalized layer, in layer order
+    normalization: str | None = None  # None, "batchnorm" or "layernorm"
+    dropout_rate: float = 0.0  # drop probability after each hidden relu (0: no dropout)
+    momentum: float = 0.9  # batch norm's running-average momentum
+    eps: float = 1e-5
+
+
+jax.tree_util.register_dataclass(
+    NetState, data_fields=["batch_norm"],
+    meta_fields=["normalization", "dropout_rate", "momentum", "eps"])
+
+
+def _check_dims(name: str, dims: Any) -> tuple[int, ...]:
+    try:
+        dims = tuple(dims)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of positive ints; got {dims!r}.") from None
+    if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+        raise ValueError(f"{name} must be a sequence of positive ints; got {dims!r}.")
+    return dims
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}.")
+    return value
+
+
+def _check_options(normalization, dropout_rate, weight_scale):
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of None, 'batchnorm', 'layernorm'; "
+                         f"got {normalization!r}.")
+    rate = _checks.check_real("dropout_rate", dropout_rate, low=0.0, high=1.0)
+    if rate == 1.0:
+        raise ValueError("dropout_rate must be < 1 (1 drops every unit); got 1.0.")
+    if weight_scale is not None:
+        _checks.check_real("weight_scale", weight_scale, low=0.0, low_open=True)
+    return rate
+
+
+def _weight(key, shape, fan_in, weight_scale, dtype):
+    # weight_scale=None: He initialization, sqrt(2 / fan_in), suited to relu.
+    scale = jnp.sqrt(2.0 / fan_in) if weight_scale is None else weight_scale
+    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def init_mlp(key: jax.Array, input_dim: int, hidden_dims: Sequence[int], num_classes: int, *,
+             normalization: str | None = None, dropout_rate: float = 0.0,
+             weight_scale: float | None = 1e-2,
+             dtype: Any = jnp.float32) -> tuple[dict[str, jax.Array], NetState]:
+    """Initializes the MLP: weights ``weight_scale * N(0, 1)``, biases and betas 0, gammas 1.
+
+    Args:
+      key: PRNG key for the weights.
+      input_dim: ``D``; inputs of other shapes are flattened to ``(N, D)``.
+      hidden_dims: sizes of the ``L - 1`` hidden layers.
+      num_classes: ``K``.
+      normalization: None, ``"batchnorm"`` or ``"layernorm"`` after each hidden affine.
+      dropout_rate: drop probability after each hidden relu; 0 disables dropout.
+      weight_scale: standard deviation of the weights; None for He initialization.
+      dtype: parameter dtype (running statistics stay float32 or wider).
+
+    Returns:
+      ``(params, state)``: params ``W1..WL, b1..bL`` (and ``gamma1.., beta1..`` with
+      normalization), and a :class:`NetState`.
+    """
+    input_dim = _check_positive_int("input_dim", input_dim)
+    num_classes = _check_positive_int("num_classes", num_classes)
+    hidden_dims = _check_dims("hidden_dims", hidden_dims)
+    rate = _check_options(normalization, dropout_rate, weight_scale)
+    dims = (input_dim, *hidden_dims, num_classes)
+    keys = jax.random.split(key, len(dims) - 1)
+    params, states = {}, []
+    for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:]), start=1):
+        params[f"W{i}"] = _weight(keys[i - 1], (fan_in, fan_out), fan_in, weight_scale, dtype)
+        params[f"b{i}"] = jnp.zeros((fan_out,), dtype)
+        if normalization is not None and i < len(dims) - 1:
+            params[f"gamma{i}"] = jnp.ones((fan_out,), dtype)
+            params[f"beta{i}"] = jnp.zeros((fan_out,), dtype)
+            if normalization == "batchnorm":
+                states.append(init_batch_norm_state(fan_out, _checks.stat_dtype(dtype)))
+    return params, NetState(tuple(states), normalization, rate)
+
+
+def _num_affine_layers(params: dict[str, Any]) -> int:
+    count = 0
+    while f"W{count + 1}" in params:
+        count += 1
+    if count == 0:
+        raise ValueError("params must hold the weights W1, W2, ...; got keys "
+                         f"{sorted(params)}.")
+    return count
+
+
+def _layer_key(key, index):
+    return None if key is None else jax.random.fold_in(key, index)
+
+
+def apply_mlp(params: dict[str, jax.Array], state: NetState, x: jax.Array, *, train: bool,
+              key: jax.Array | None = None) -> tuple[jax.Array, NetState]:
+    """Scores of the MLP: ``(N, ...) -> (N, K)``, and the new state.
+
+    Args:
+      params, state: from :func:`init_mlp`.
+      x: inputs, flattened to ``(N, D)``.
+      train: Python bool; batch statistics and dropout (True) or running statistics (False).
+      key: PRNG key for dropout, required in train mode when ``dropout_rate > 0``.
+
+    Returns:
+      ``(scores, new_state)``.
+    """
+    _checks.check_train(train)
+    num_layers = _num_affine_layers(params)
+    x = _checks.check_float_array("x", x)
+    x = x.reshape(x.shape[0], -1) if x.ndim != 2 else x
+    if x.shape[1] != params["W1"].shape[0]:
+        raise ValueError(f"x must have {params['W1'].shape[0]} features per example (W1's "
+                         f"input dimension); got shape {tuple(x.shape)}.")
+    bn_states = list(state.batch_norm)
+    new_states = []
+    h = x
+    for i in range(1, num_layers):
+        h = h @ params[f"W{i}"] + params[f"b{i}"]
+        if state.normalization == "batchnorm":
+            h, bn = batch_norm(h, params[f"gamma{i}"], params[f"beta{i}"], bn_states[i - 1],
+                               train=train, momentum=state.momentum, eps=state.eps)
+            new_states.append(bn)
+        elif state.normalization == "layernorm":
+            h = layer_norm(h, params[f"gamma{i}"], params[f"beta{i}"], eps=state.eps)
+        h = jax.nn.relu(h)
+        if state.dropout_rate > 0.0:
+            h = dropout(_layer_key(key, i), h, rate=state.dropout_rate, train=train)
+    scores = h @ params[f"W{num_layers}"] + params[f"b{num_layers}"]
+    return scores, dataclasses.replace(state, batch_norm=tuple(new_states))
+
+
+def init_conv_net(key: jax.Array, input_shape: Sequence[int] = (1, 8, 8),
+                  conv_channels: Sequence[int] = (16, 32), hidden_dims: Sequence[int] = (100,),
+                  num_classes: int = 10, *, normalization: str | None = None,
+                  dropout_rate: float = 0.0, kernel_size: int = 3,
+                  weight_scale: float | None = None,
+                  dtype: Any = jnp.float32) -> tuple[dict[str, jax.Array], NetState]:
+    """Initializes the conv net: conv layers ``conv{i}_W`` ``(C_out, C_in, k, k)``, then the MLP.
+
+    Each conv layer halves H and W (2x2 max pool, floor). ``normalization="batchnorm"`` puts
+    spatial batch norm after each conv and batch norm in the head; ``"layernorm"`` puts group norm
+    with one group (layer norm over C, H, W) after each conv and layer norm in the head.
+    ``weight_scale=None`` (default) is He initialization.
+
+    Returns:
+      ``(params, state)``.
+    """
+    input_shape = _check_dims("input_shape", input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape must be (C, H, W); got {input_shape!r}.")
+    conv_channels = _check_dims("conv_channels", conv_channels)
+    kernel_size = _check_positive_int("kernel_size", kernel_size)
+    _check_options(normalization, dropout_rate, weight_scale)
+    channels, height, width = input_shape
+    keys = jax.random.split(key, len(conv_channels) + 1)
+    params, states = {}, []
+    for i, out_channels in enumerate(conv_channels, start=1):
+        fan_in = channels * kernel_size ** 2
+        params[f"conv{i}_W"] = _weight(keys[i - 1], (out_channels, channels, kernel_size,
+                                                     kernel_size), fan_in, weight_scale, dtype)
+        params[f"conv{i}_b"] = jnp.zeros((out_channels,), dtype)
+        if normalization is not None:
+            params[f"conv{i}_gamma"] = jnp.ones((out_channels,), dtype)
+            params[f"conv{i}_beta"] = jnp.zeros((out_channels,), dtype)
+            if normalization == "batchnorm":
+                states.append(init_batch_norm_state(out_channels, _checks.stat_dtype(dtype)))
+        channels, height, width = out_channels, height // 2, width // 2
+        if height < 1 or width < 1:
+            raise ValueError(f"input_shape {input_shape!r} is too small for "
+                             f"{len(conv_channels)} conv layers with 2x2 pooling.")
+    head, head_state = init_mlp(keys[-1], channels * height * width, hidden_dims, num_classes,
+                                normalization=normalization, dropout_rate=dropout_rate,
+                                weight_scale=weight_scale, dtype=dtype)
+    params.update(head)
+    return params, dataclasses.replace(head_state, batch_norm=tuple(states) + head_state.batch_norm)
+
+
+def apply_conv_net(params: dict[str, jax.Array], state: NetState, x: jax.Array, *, train: bool,
+                   key: jax.Array | None = None) -> tuple[jax.Array, NetState]:
+    """Scores of the conv net for NCHW images ``(N, C, H, W) -> (N, K)``, and the new state."""
+    _checks.check_train(train)
+    x = _checks.check_float_array("x", x)
+    _checks.check_ndim("x", x, ndim=4, what="NCHW images")
+    num_conv = 0
+    while f"conv{num_conv + 1}_W" in params:
+        num_conv += 1
+    if x.shape[1] != params["conv1_W"].shape[1]:
+        raise ValueError(f"x must have {params['conv1_W'].shape[1]} channels (NCHW); got shape "
+                         f"{tuple(x.shape)}.")
+    bn_states = list(state.batch_norm)
+    new_states = []
+    h = x
+    for i in range(1, num_conv + 1):
+        h = jax.lax.conv_general_dilated(h, params[f"conv{i}_W"].astype(h.dtype), (1, 1), "SAME",
+                                         dimension_numbers=("NCHW", "OIHW", "NCHW"))
+        h = h + params[f"conv{i}_b"].reshape(1, -1, 1, 1)
+        if state.normalization == "batchnorm":
+            h, bn = spatial_batch_norm(h, params[f"conv{i}_gamma"], params[f"conv{i}_beta"],
+                                       bn_states.pop(0), train=train, momentum=state.momentum,
+                                       eps=state.eps)
+            new_states.append(bn)
+        elif state.normalization == "layernorm":
+            h = group_norm(h, params[f"conv{i}_gamma"], params[f"conv{i}_beta"], groups=1,
+                           eps=state.eps)
+        h = jax.nn.relu(h)
+        h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
+    head = {k: v for k, v in params.items() if not k.startswith("conv")}
+    scores, head_state = apply_mlp(head, dataclasses.replace(state, batch_norm=tuple(bn_states)),
+                                   h, train=train, key=key)
+    return scores, dataclasses.replace(head_state,
+                                       batch_norm=tuple(new_states) + head_state.batch_norm)
+
+
+def softmax_cross_entropy(scores: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy of ``(N, K)`` scores against integer labels ``(N,)``."""
+    log_probs = jax.nn.log_softmax(scores.astype(_checks.stat_dtype(scores.dtype)), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1))
+
+
+def l2_penalty(params: Any, reg: float) -> jax.Array:
+    """``0.5 * reg * sum(W ** 2)`` over the weights: the parameters of rank >= 2 (matrices and
+    conv kernels), never biases, gammas or betas."""
+    weights = [w for w in jax.tree.leaves(params) if w.ndim >= 2]
+    return 0.5 * reg * sum(jnp.sum(jnp.square(w.astype(_checks.stat_dtype(w.dtype))))
+                           for w in weights)
