@@ -1,5 +1,7 @@
-"""``python -m experiments``: the main job (for now, the batch norm training demo)."""
+"""``python -m experiments``: every study, its plots and JSON, and REPORT.md (see run.py)."""
 
-from experiments.demo import main
+import sys
 
-main()
+from experiments.run import main
+
+sys.exit(main())

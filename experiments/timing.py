@@ -1,0 +1,36 @@
+"""Timing by interleaved repetitions: each round runs every candidate once, in turn, so that
+drifts of a shared, noisy machine hit all of them alike; the median over rounds is reported."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+
+
+def _block(out: Any) -> None:
+    jax.block_until_ready(out)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], *, repeats: int = 20,
+                        warmup: int = 2, min_seconds: float = 0.0) -> dict[str, float]:
+    """Median seconds per call of each zero-argument function, measured in interleaved rounds.
+
+    Warm-up calls (compilation) are excluded. Rounds continue past ``repeats`` until at least
+    ``min_seconds`` of measurement have passed.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            _block(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < repeats or time.perf_counter() - start < min_seconds:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            _block(fn())
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: statistics.median(ts) for name, ts in times.items()}
