@@ -57,9 +57,10 @@ def dropout(key: jax.Array | None, x: jax.Array, *, rate: float, train: bool,
     ``rate`` is the *drop* probability (not the keep rate; as Flax, PyTorch and the 2016-17
     cs231n assignment). The scaling keeps ``E[y] = x``, so test mode is the identity.
 
-    The backward is ``dy * m / (1 - rate)``. Its ``custom_vjp`` keeps no per-element residual: it
-    regenerates the mask from the key, which costs one more pass of random bits but saves the
-    mask's memory (see the benchmark, ``python -m experiments.benchmark``, for the measured trade).
+    The backward is ``dy * m / (1 - rate)``. Its ``custom_vjp`` keeps the mask bit-packed, 1 bit
+    per element, between forward and backward. Regenerating the mask from the key instead would
+    keep no residual at all, but was measured slower (random bits cost more than streaming 1/32 of
+    x's bytes): ``python -m experiments.benchmark`` times both.
 
     Shapes: ``x`` any shape; the mask has ``x``'s shape with size 1 along ``broadcast_dims``.
 
@@ -98,30 +99,34 @@ def dropout(key: jax.Array | None, x: jax.Array, *, rate: float, train: bool,
     return _dropout_core(key, x, rate, mask_shape)
 
 
-def _keep_scale(key: jax.Array, rate: float, mask_shape: tuple[int, ...], dtype: Any) -> jax.Array:
-    """``mask / (1 - rate)`` from the key: keep where 32 random bits >= rate * 2^32."""
-    # Integer comparison of raw bits: exact probability, no float conversion of the bits.
+def _keep_mask(key: jax.Array, rate: float, mask_shape: tuple[int, ...]) -> jax.Array:
+    """Keep where 32 random bits >= rate * 2^32: exact probability, no float conversion."""
     threshold = np.uint32(min(round(rate * 2.0**32), 2**32 - 1))
-    keep = jax.random.bits(key, mask_shape, jnp.uint32) >= threshold
-    return jnp.where(keep, jnp.asarray(1.0 / (1.0 - rate), dtype), jnp.asarray(0.0, dtype))
+    return jax.random.bits(key, mask_shape, jnp.uint32) >= threshold
+
+
+def _apply_mask(a: jax.Array, keep: jax.Array, rate: float) -> jax.Array:
+    # The scaling happens in float32 (or wider) so that bfloat16 inputs are rounded once.
+    dtype = _checks.stat_dtype(a.dtype)
+    return jnp.where(keep, a.astype(dtype) * (1.0 / (1.0 - rate)), 0).astype(a.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _dropout_core(key, x, rate, mask_shape):
-    return _dropout_core_fwd(key, x, rate, mask_shape)[0]
+    return _apply_mask(x, _keep_mask(key, rate, mask_shape), rate)
 
 
 def _dropout_core_fwd(key, x, rate, mask_shape):
-    dtype = _checks.stat_dtype(x.dtype)
-    y = (x.astype(dtype) * _keep_scale(key, rate, mask_shape, dtype)).astype(x.dtype)
-    return y, key  # residual: the key alone; the mask is regenerated in the backward
+    keep = _keep_mask(key, rate, mask_shape)
+    # Residual: the mask packed 8 elements to a byte (1 bit per element).
+    return _apply_mask(x, keep, rate), jnp.packbits(keep.reshape(-1))
 
 
-def _dropout_core_bwd(rate, mask_shape, key, dy):
+def _dropout_core_bwd(rate, mask_shape, packed_mask, dy):
     """``y = x * m / (1 - rate)`` is linear in x, so ``dx = dy * m / (1 - rate)``; no key gradient."""
-    dtype = _checks.stat_dtype(dy.dtype)
-    dx = (dy.astype(dtype) * _keep_scale(key, rate, mask_shape, dtype)).astype(dy.dtype)
-    return None, dx
+    size = int(np.prod(mask_shape))
+    keep = jnp.unpackbits(packed_mask, count=size).reshape(mask_shape).astype(bool)
+    return None, _apply_mask(dy, keep, rate)
 
 
 _dropout_core.defvjp(_dropout_core_fwd, _dropout_core_bwd)

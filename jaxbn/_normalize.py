@@ -41,17 +41,42 @@ class Residuals(NamedTuple):
     gamma: jax.Array  # scale, broadcastable to x
 
 
-def normalize(x: jax.Array, gamma: jax.Array, beta: jax.Array,
-              config: Config) -> tuple[jax.Array, jax.Array, jax.Array]:
+def normalize(x: jax.Array, gamma: jax.Array, beta: jax.Array, config: Config,
+              weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns ``(y, mean, var)``; ``gamma``/``beta`` must already broadcast against ``x``.
 
     ``mean`` and ``var`` are the batch statistics (float32 or wider) with the reduced axes kept as
     size 1. Only ``y`` is differentiable under the hand-written rules: the statistics feed the
-    running averages, which carry no gradient.
+    running averages, which carry no gradient. ``weights`` (0/1, broadcastable to ``x``) restricts
+    the statistics to the valid entries.
+
+    Without ``weights`` and ``config.axis_name`` the fused ``custom_vjp`` runs (:func:`alt_rule` or
+    :func:`graph_rule`); with either, :func:`_split_normalize`.
     """
     if config.backward == "autodiff":
-        return reference.normalize(x, gamma, beta, config.stat_axes, config.eps, config.axis_name)
-    return _normalize_core(x, gamma, beta, config)
+        return reference.normalize(x, gamma, beta, config.stat_axes, config.eps, config.axis_name,
+                                   weights)
+    gamma, beta = vary_like(gamma, x), vary_like(beta, x)
+    if config.axis_name is None and weights is None:
+        return _normalize_core(x, gamma, beta, config)
+    return _split_normalize(x, gamma, beta, config, weights)
+
+
+def vary_like(a: jax.Array, x: jax.Array) -> jax.Array:
+    """Under ``shard_map``, marks ``a`` as varying over the mesh axes ``x`` varies over.
+
+    A hand-written backward returns per-device cotangents; shard_map's type check requires them to
+    vary like their primal, and the transpose of this cast (a psum) then sums them across devices.
+    Outside shard_map nothing varies and ``a`` is returned as it is.
+    """
+    missing = tuple(sorted(_varying_axes(x) - _varying_axes(a)))
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+
+def _varying_axes(a: jax.Array) -> frozenset:
+    aval = jax.typeof(a)
+    manual = getattr(aval, "manual_axis_type", None)  # JAX >= 0.9; earlier versions: aval.vma
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
 def _statistics(x: jax.Array, config: Config, dtype: Any) -> tuple[jax.Array, jax.Array]:
@@ -173,3 +198,114 @@ def graph_rule(config: Config, residuals: Residuals,
     dmu = -_sum(dx1, config.stat_axes, config.axis_name)
     dx = dx1 + dmu / count
     return dx.astype(x.dtype), dgamma.astype(gamma.dtype), dbeta
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked statistics and statistics across mapped axes.
+#
+# JAX cannot run a collective inside a custom_vjp backward under vmap (the axis name is unbound
+# when the backward is traced), so the cross-device reductions stay outside the hand-written rules:
+# two local custom_vjp pieces, joined by plain lax.psum. The transpose of psum is psum, so the two
+# per-feature sums of the backward (of dy * gamma and of dy * gamma * x_hat) are reduced across the
+# mapped axes by JAX, under vmap, shard_map and pmap alike.
+
+
+def _split_normalize(x, gamma, beta, config, weights):
+    """``y`` from statistics over the valid entries of the global batch.
+
+    With ``w`` the 0/1 weights (all ones without a mask) and ``n = psum(sum(w))``::
+
+        mean = psum(sum(w * x)) / n
+        var  = psum(_centered_square_sum(x, mean, w)) / n       # sum(w * (x - mean)^2)
+        y    = _affine_core(x, gamma, beta, mean, rsqrt(var + eps))
+
+    A feature with no valid entry (``n = 0``) gets mean 0 and variance 0: finite, never NaN.
+    """
+    dtype = stat_dtype(x.dtype, gamma.dtype, beta.dtype)
+    axes, axis_name = config.stat_axes, config.axis_name
+    xs = x.astype(dtype)
+    if weights is None:
+        count = _count(x.shape, axes, axis_name)
+        total = _sum(xs, axes, axis_name)
+    else:
+        weights = weights.astype(dtype)
+        count = _sum(jnp.broadcast_to(weights, _unit_params(x.shape, gamma.shape)), axes,
+                     axis_name)
+        total = _sum(weights * xs, axes, axis_name)
+    safe_count = jnp.maximum(count, 1)
+    mean = total / safe_count
+    # The rules see the statistics as device-varying (see vary_like); the returned ones stay global.
+    square_sum = _centered_square_sum(x, vary_like(mean, x), weights, axes)
+    if axis_name is not None:
+        square_sum = jax.lax.psum(square_sum, axis_name)
+    var = square_sum / safe_count
+    inv_std = jax.lax.rsqrt(var + config.eps)
+    y = _affine_core(x, gamma, beta, vary_like(mean, x), vary_like(inv_std, x), axes)
+    return y, mean, var
+
+
+def _unit_params(x_shape, param_shape):
+    """x's shape with size 1 where the parameters vary (the weights' full shape)."""
+    return tuple(1 if p != 1 else n for n, p in zip(x_shape, param_shape))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _centered_square_sum(x, mean, weights, stat_axes):
+    return _centered_square_sum_fwd(x, mean, weights, stat_axes)[0]
+
+
+def _centered_square_sum_fwd(x, mean, weights, stat_axes):
+    xmu = x.astype(mean.dtype) - mean
+    weighted = xmu if weights is None else weights * xmu
+    return jnp.sum(weighted * xmu, axis=stat_axes, keepdims=True), (x, mean, weights)
+
+
+def _centered_square_sum_bwd(stat_axes, residuals, ct):
+    """``q = sum(w * (x - mean)^2)`` (local): ``dx = 2 w (x - mean) ct``,
+    ``dmean = -2 ct sum(w (x - mean))``; the weights are data, not parameters."""
+    x, mean, weights = residuals
+    xmu = x.astype(mean.dtype) - mean
+    weighted = xmu if weights is None else weights * xmu
+    dx = (2.0 * ct * weighted).astype(x.dtype)
+    dmean = -2.0 * ct * jnp.sum(weighted, axis=stat_axes, keepdims=True)
+    return dx, dmean, None
+
+
+_centered_square_sum.defvjp(_centered_square_sum_fwd, _centered_square_sum_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _affine_core(x, gamma, beta, mean, inv_std, stat_axes):
+    return _affine_core_fwd(x, gamma, beta, mean, inv_std, stat_axes)[0]
+
+
+def _affine_core_fwd(x, gamma, beta, mean, inv_std, stat_axes):
+    dtype = mean.dtype
+    y = (x.astype(dtype) - mean) * (inv_std * gamma.astype(dtype)) + beta.astype(dtype)
+    return y.astype(x.dtype), Residuals(x, mean, inv_std, gamma)
+
+
+def _affine_core_bwd(stat_axes, residuals, dy):
+    """``y = gamma * (x - mean) * inv_std + beta`` with the statistics as inputs (local sums)::
+
+        g = dy * gamma;  dx = g * inv_std
+        dmean = -inv_std * sum(g);  dinv_std = sum(g * (x - mean))      # over the statistics' axes
+        dgamma = sum(dy * x_hat);  dbeta = sum(dy)                       # over gamma's broadcast axes
+
+    Sums run over the local batch; the psum around the statistics completes them across devices.
+    """
+    x, mean, inv_std, gamma = residuals
+    dtype = mean.dtype
+    dy32 = dy.astype(dtype)
+    xmu = x.astype(dtype) - mean
+    g = dy32 * gamma.astype(dtype)
+    param_axes = _param_axes(x, gamma)
+    dgamma = jnp.sum(dy32 * xmu * inv_std, axis=param_axes, keepdims=True)
+    dbeta = jnp.sum(dy32, axis=param_axes, keepdims=True)
+    dmean = -inv_std * jnp.sum(g, axis=stat_axes, keepdims=True)
+    dinv_std = jnp.sum(g * xmu, axis=stat_axes, keepdims=True)
+    dx = (g * inv_std).astype(x.dtype)
+    return dx, dgamma.astype(gamma.dtype), dbeta.astype(gamma.dtype), dmean, dinv_std
+
+
+_affine_core.defvjp(_affine_core_fwd, _affine_core_bwd)

@@ -10,7 +10,8 @@ Parameters are a dict of arrays (cs231n's names: ``W1``, ``b1``, ``gamma1``, ``b
 conv net's are ``conv1_W``, ``conv1_b``, ``conv1_gamma``, ``conv1_beta``, ... plus the head's); the
 state is a :class:`NetState` whose leaves are the running statistics and whose static metadata holds
 the architecture's options, so ``apply`` needs no configuration argument and works under ``jit``,
-``vmap`` and ``grad``.
+``vmap`` and ``grad``. ``dataclasses.replace(state, axis_name="data")`` makes every batch norm
+synchronized across the mapped axis ``"data"`` (data-parallel training under ``shard_map``).
 
 Shapes: ``N`` batch, ``D`` input features, ``C, H, W`` image channels/height/width, ``K`` classes.
 """
@@ -44,11 +45,12 @@ class NetState:
     dropout_rate: float = 0.0  # drop probability after each hidden relu (0: no dropout)
     momentum: float = 0.9  # batch norm's running-average momentum
     eps: float = 1e-5
+    axis_name: Any = None  # mapped axis name(s) batch norm synchronizes over (data parallelism)
 
 
 jax.tree_util.register_dataclass(
     NetState, data_fields=["batch_norm"],
-    meta_fields=["normalization", "dropout_rate", "momentum", "eps"])
+    meta_fields=["normalization", "dropout_rate", "momentum", "eps", "axis_name"])
 
 
 def _check_dims(name: str, dims: Any) -> tuple[int, ...]:
@@ -164,7 +166,8 @@ def apply_mlp(params: dict[str, jax.Array], state: NetState, x: jax.Array, *, tr
         h = h @ params[f"W{i}"] + params[f"b{i}"]
         if state.normalization == "batchnorm":
             h, bn = batch_norm(h, params[f"gamma{i}"], params[f"beta{i}"], bn_states[i - 1],
-                               train=train, momentum=state.momentum, eps=state.eps)
+                               train=train, momentum=state.momentum, eps=state.eps,
+                               axis_name=state.axis_name if train else None)
             new_states.append(bn)
         elif state.normalization == "layernorm":
             h = layer_norm(h, params[f"gamma{i}"], params[f"beta{i}"], eps=state.eps)
@@ -243,7 +246,8 @@ def apply_conv_net(params: dict[str, jax.Array], state: NetState, x: jax.Array, 
         if state.normalization == "batchnorm":
             h, bn = spatial_batch_norm(h, params[f"conv{i}_gamma"], params[f"conv{i}_beta"],
                                        bn_states.pop(0), train=train, momentum=state.momentum,
-                                       eps=state.eps)
+                                       eps=state.eps,
+                                       axis_name=state.axis_name if train else None)
             new_states.append(bn)
         elif state.normalization == "layernorm":
             h = group_norm(h, params[f"conv{i}_gamma"], params[f"conv{i}_beta"], groups=1,

@@ -34,12 +34,14 @@ def _count(shape: Sequence[int], axes: Sequence[int], axis_name: Any = None) -> 
 
 
 def normalize(x: jax.Array, gamma: jax.Array, beta: jax.Array, stat_axes: Sequence[int],
-              eps: float, axis_name: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+              eps: float, axis_name: Any = None,
+              weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``y = gamma * (x - mean) / sqrt(var + eps) + beta`` with statistics over ``stat_axes``.
 
     ``gamma`` and ``beta`` are already shaped to broadcast against ``x``. The statistics are taken
     in float32 (float64 for float64 data), the variance by two passes (no cancellation), and
-    combined over the mapped axes ``axis_name`` when given.
+    combined over the mapped axes ``axis_name`` when given. With 0/1 ``weights`` (broadcastable to
+    ``x``) only the valid entries count; no valid entry gives mean 0 and variance 0.
 
     Returns:
       ``(y, mean, var)``: ``y`` in ``x.dtype``; ``mean`` and ``var`` (biased) keep the reduced axes
@@ -47,9 +49,15 @@ def normalize(x: jax.Array, gamma: jax.Array, beta: jax.Array, stat_axes: Sequen
     """
     dtype = stat_dtype(x.dtype, gamma.dtype, beta.dtype)
     xs = x.astype(dtype)
-    count = _count(x.shape, stat_axes, axis_name)
-    mean = _sum(xs, stat_axes, axis_name) / count
-    var = _sum(jnp.square(xs - mean), stat_axes, axis_name) / count
+    if weights is None:
+        count = _count(x.shape, stat_axes, axis_name)
+        mean = _sum(xs, stat_axes, axis_name) / count
+        var = _sum(jnp.square(xs - mean), stat_axes, axis_name) / count
+    else:
+        w = jnp.broadcast_to(weights.astype(dtype), xs.shape)
+        count = jnp.maximum(_sum(w, stat_axes, axis_name), 1)
+        mean = _sum(w * xs, stat_axes, axis_name) / count
+        var = _sum(w * jnp.square(xs - mean), stat_axes, axis_name) / count
     y = (xs - mean) / jnp.sqrt(var + eps) * gamma.astype(dtype) + beta.astype(dtype)
     return y.astype(x.dtype), mean, var
 

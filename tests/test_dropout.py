@@ -121,11 +121,15 @@ def test_vmap_over_keys_gives_independent_masks():
         np.testing.assert_array_equal(np.asarray(grads != 0), np.asarray(ys != 0))
 
 
-def test_residual_holds_no_mask():
-    x = jnp.ones((256, 256), jnp.float32)
-    _, pullback = jax.vjp(lambda x: jaxbn.dropout(jax.random.key(0), x, rate=0.5, train=True), x)
+@pytest.mark.parametrize("broadcast_dims", [(), (1,)])
+def test_residual_is_at_most_one_bit_per_element(broadcast_dims):
+    x = jnp.ones((256, 200), jnp.float32)
+    fn = lambda x: jaxbn.dropout(jax.random.key(0), x, rate=0.5, train=True,
+                                 broadcast_dims=broadcast_dims)
+    _, pullback = jax.vjp(fn, x)
     arrays = [leaf for leaf in jax.tree.leaves(pullback) if hasattr(leaf, "nbytes")]
-    assert sum(a.nbytes for a in arrays) <= 64  # the key, nothing per element
+    mask_elements = x.size if not broadcast_dims else x.shape[0]
+    assert sum(a.nbytes for a in arrays) <= mask_elements / 8 + 16
 
 
 BAD = [

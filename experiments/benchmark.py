@@ -1,0 +1,294 @@
+"""Benchmark: batch norm and dropout, forward + backward, against peers and the bandwidth bound.
+
+``python -m experiments.benchmark [--quick] [--out DIR] [--repeats N]`` prints a table and writes
+``benchmark.json``. Everything is timed side by side in one process: each round runs every
+candidate once in turn (interleaved), and medians are reported.
+
+Batch norm (train mode, forward + backward with a cotangent, float32 unless noted):
+
+- ``alt``, ``graph``, ``autodiff``: jaxbn's three backward choices, jitted;
+- ``naive``: ``jax.vjp`` of a textbook forward (``jnp.mean``/``jnp.var``), jitted;
+- ``flax``: ``flax.linen.BatchNorm`` (when installed), jitted;
+- ``torch``: ``torch.nn.functional.batch_norm`` forward + ``backward`` on the CPU (when installed);
+- ``bound``: the time to stream 5 arrays of x's size (read x, write y, read dy, read x again, write
+  dx) at the copy bandwidth measured in the same run (a jitted ``x + 1``: one read, one write).
+
+Memory: the residual bytes the VJP keeps between forward and backward (the arrays in the closure
+``jax.vjp`` returns) and XLA's compiled temporary size of forward + backward.
+
+Dropout (rate 0.5): jaxbn's ``dropout`` (bit-packed mask residual, 1 bit per element), the
+alternative that regenerates the mask from the key in the backward (no residual), ``bernoulli`` +
+``where`` differentiated by JAX, and PyTorch's ``F.dropout``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxbn
+from jaxbn import reference
+from experiments.timing import interleaved_medians
+
+SHAPES = [((4096, 1024), "NC"), ((65536, 64), "NC"), ((512, 8192), "NC"),
+          ((64, 64, 32, 32), "NCHW")]
+BF16_SHAPE = ((4096, 1024), "NC")
+QUICK_SHAPES = [((512, 256), "NC"), ((16, 8, 8, 8), "NCHW")]
+DROPOUT_SHAPES = [(4096, 1024), (64, 64, 32, 32)]
+
+
+def _feature_axis(layout):
+    return 1
+
+
+def _stat_axes(ndim, axis):
+    return tuple(a for a in range(ndim) if a != axis)
+
+
+def _vjp_fn(forward):
+    """Jitted forward + backward of ``forward(x, gamma, beta)`` with cotangent ``dy``."""
+    @jax.jit
+    def run(x, gamma, beta, dy):
+        y, pullback = jax.vjp(forward, x, gamma, beta)
+        return y, pullback(dy)  # y too: else XLA drops the forward's output pass
+    return run
+
+
+def _residual_bytes(forward, x, gamma, beta) -> int:
+    _, pullback = jax.vjp(forward, x, gamma, beta)
+    return int(sum(leaf.nbytes for leaf in jax.tree.leaves(pullback) if hasattr(leaf, "nbytes")))
+
+
+def _temp_bytes(run, *args) -> int | None:
+    try:
+        analysis = run.lower(*args).compile().memory_analysis()
+        return int(analysis.temp_size_in_bytes)
+    except Exception:  # not every backend reports it
+        return None
+
+
+def _jaxbn_forward(backward, axis, num_features):
+    state = jaxbn.init_batch_norm_state(num_features)
+    return lambda x, g, b: jaxbn.batch_norm(x, g, b, state, train=True, axis=axis,
+                                            backward=backward)[0]
+
+
+def _naive_forward(axis):
+    def forward(x, gamma, beta):
+        axes = _stat_axes(x.ndim, axis)
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        xf = x.astype(jnp.float32)
+        y = (xf - xf.mean(axes, keepdims=True)) / jnp.sqrt(xf.var(axes, keepdims=True) + 1e-5)
+        return (y * gamma.reshape(shape) + beta.reshape(shape)).astype(x.dtype)
+    return forward
+
+
+def _flax_forward(axis):
+    try:
+        import flax.linen as nn
+    except ImportError:
+        return None
+    def forward(x, gamma, beta):
+        module = nn.BatchNorm(use_running_average=False, axis=axis, momentum=0.9, epsilon=1e-5,
+                              dtype=x.dtype)
+        variables = {"params": {"scale": gamma, "bias": beta},
+                     "batch_stats": {"mean": jnp.zeros_like(gamma), "var": jnp.ones_like(gamma)}}
+        y, _ = module.apply(variables, x, mutable=["batch_stats"])
+        return y
+    return forward
+
+
+def _torch_fn(x, gamma, beta, dy):
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)
+    dtype = torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32
+    tx = torch.from_numpy(np.array(x, np.float32)).to(dtype).requires_grad_(True)
+    tg = torch.from_numpy(np.array(gamma, np.float32)).requires_grad_(True)
+    tb = torch.from_numpy(np.array(beta, np.float32)).requires_grad_(True)
+    tdy = torch.from_numpy(np.array(dy, np.float32)).to(dtype)
+    rm, rv = torch.zeros(gamma.shape[0]), torch.ones(gamma.shape[0])
+
+    def run():
+        y = torch.nn.functional.batch_norm(tx, rm, rv, tg, tb, training=True, momentum=0.1,
+                                           eps=1e-5)
+        return torch.autograd.grad(y, (tx, tg, tb), tdy)
+    return run
+
+
+def bench_batch_norm(shape, layout, dtype, repeats) -> dict:
+    key = jax.random.key(0)
+    kx, kd, kg = jax.random.split(key, 3)
+    x = (jax.random.normal(kx, shape) * 2 + 1).astype(dtype)
+    dy = jax.random.normal(kd, shape).astype(dtype)
+    axis = 1 if layout == "NCHW" else len(shape) - 1
+    d = shape[axis]
+    gamma = jax.random.normal(kg, (d,)) * 0.1 + 1
+    beta = jnp.zeros((d,))
+    forwards = {b: _jaxbn_forward(b, axis, d) for b in ("alt", "graph", "autodiff")}
+    forwards["naive"] = _naive_forward(axis)
+    flax_forward = _flax_forward(axis)
+    if flax_forward is not None:
+        forwards["flax"] = flax_forward
+    runs = {name: _vjp_fn(f) for name, f in forwards.items()}
+    fns = {name: functools.partial(run, x, gamma, beta, dy) for name, run in runs.items()}
+    torch_run = _torch_fn(x, gamma, beta, dy)
+    if torch_run is not None:
+        fns["torch"] = torch_run
+    copy = jax.jit(lambda a: a + 1)
+    fns["copy"] = functools.partial(copy, x)
+    seconds = interleaved_medians(fns, repeats=repeats, warmup=3)
+    bound = 2.5 * seconds.pop("copy")  # 5 arrays at the bandwidth of a 2-array copy
+    residual = {name: _residual_bytes(f, x, gamma, beta) for name, f in forwards.items()}
+    temp = {name: _temp_bytes(run, x, gamma, beta, dy) for name, run in runs.items()}
+    return {"shape": list(shape), "layout": layout, "dtype": jnp.dtype(dtype).name,
+            "x_bytes": int(x.nbytes), "seconds": seconds, "bound_seconds": bound,
+            "residual_bytes": residual, "temp_bytes": temp}
+
+
+def _dropout_regenerate_forward(key, rate):
+    """The alternative design, for comparison: no residual, the mask regenerated from the key."""
+    scale = 1.0 / (1.0 - rate)
+    threshold = np.uint32(round(rate * 2.0**32))
+    keep = lambda shape: jax.random.bits(key, shape, jnp.uint32) >= threshold
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.where(keep(x.shape), x * scale, 0).astype(x.dtype)
+
+    f.defvjp(lambda x: (f(x), None),
+             lambda _, dy: (jnp.where(keep(dy.shape), dy * scale, 0).astype(dy.dtype),))
+    return f
+
+
+def bench_dropout(shape, repeats) -> dict:
+    x = jax.random.normal(jax.random.key(1), shape)
+    dy = jax.random.normal(jax.random.key(2), shape)
+    key = jax.random.key(3)
+    forwards = {
+        "jaxbn (packed mask)": lambda x: jaxbn.dropout(key, x, rate=0.5, train=True),
+        "regenerate from key": _dropout_regenerate_forward(key, 0.5),
+        "bernoulli+where": lambda x: reference.dropout(key, x, rate=0.5),
+    }
+
+    def vjp_run(f):
+        @jax.jit
+        def run(x, dy):
+            y, pullback = jax.vjp(f, x)
+            return y, pullback(dy)
+        return run
+
+    fns = {name: functools.partial(vjp_run(f), x, dy) for name, f in forwards.items()}
+    try:
+        import torch
+        tx = torch.from_numpy(np.array(x)).requires_grad_(True)
+        tdy = torch.from_numpy(np.array(dy))
+        fns["torch"] = lambda: torch.autograd.grad(
+            torch.nn.functional.dropout(tx, 0.5, training=True), tx, tdy)
+    except ImportError:
+        pass
+    seconds = interleaved_medians(fns, repeats=repeats, warmup=3)
+    residual = {}
+    for name, f in forwards.items():
+        _, pullback = jax.vjp(f, x)
+        residual[name] = int(sum(leaf.nbytes for leaf in jax.tree.leaves(pullback)
+                                 if hasattr(leaf, "nbytes")))
+    return {"shape": list(shape), "x_bytes": int(x.nbytes), "seconds": seconds,
+            "residual_bytes": residual}
+
+
+def _geomean(values):
+    values = [v for v in values if v is not None and v > 0]
+    return float(np.exp(np.mean(np.log(values)))) if values else None
+
+
+def summarize(bn_rows) -> dict:
+    """Geometric means over the float32 shapes of alt's speedups and percent of the bound."""
+    f32 = [r for r in bn_rows if r["dtype"] == "float32"]
+    out = {}
+    for peer in ("naive", "autodiff", "graph", "flax", "torch"):
+        if all(peer in r["seconds"] for r in f32):
+            out[f"alt_speedup_vs_{peer}"] = _geomean(
+                [r["seconds"][peer] / r["seconds"]["alt"] for r in f32])
+    out["alt_percent_of_bound"] = 100 * _geomean(
+        [r["bound_seconds"] / r["seconds"]["alt"] for r in f32])
+    out["alt_residual_over_input"] = max(r["residual_bytes"]["alt"] / r["x_bytes"]
+                                         for r in bn_rows)
+    return out
+
+
+def print_tables(result) -> None:
+    names = ["alt", "graph", "autodiff", "naive", "flax", "torch"]
+    print(f"\nbatch norm, forward + backward, train mode: median ms "
+          f"({result['machine']}, {result['date']})")
+    header = f"{'shape':>20} {'dtype':>8} " + " ".join(f"{n:>9}" for n in names) + \
+        f" {'bound':>9} {'alt/bound':>9} {'res/x':>6} {'temp MB':>8}"
+    print(header)
+    for r in result["batch_norm"]:
+        s = r["seconds"]
+        cells = " ".join(f"{s[n] * 1e3:9.3f}" if n in s else f"{'-':>9}" for n in names)
+        temp = r["temp_bytes"]["alt"]
+        print(f"{'x'.join(map(str, r['shape'])):>20} {r['dtype']:>8} {cells} "
+              f"{r['bound_seconds'] * 1e3:9.3f} {100 * r['bound_seconds'] / s['alt']:8.0f}% "
+              f"{r['residual_bytes']['alt'] / r['x_bytes']:6.3f} "
+              f"{'-' if temp is None else f'{temp / 2**20:8.1f}':>8}")
+    print("\nsummary (geometric means over the float32 shapes):")
+    for k, v in result["summary"].items():
+        print(f"  {k}: {v:.3f}" if v is not None else f"  {k}: n/a")
+    print("\ndropout (rate 0.5), forward + backward: median ms, residual bytes per element")
+    for r in result["dropout"]:
+        n_elem = r["x_bytes"] / 4
+        cells = ", ".join(f"{k} {v * 1e3:.3f} ms ({r['residual_bytes'].get(k, 0) / n_elem:.3f} B/el)"
+                          if k in r["residual_bytes"] else f"{k} {v * 1e3:.3f} ms"
+                          for k, v in r["seconds"].items())
+        print(f"  {'x'.join(map(str, r['shape']))}: {cells}")
+    if result["missing"]:
+        print(f"\nnot measured (not installed; pip install -e '.[bench]'): "
+              f"{', '.join(result['missing'])}")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                      "results"))
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 25)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    bn_rows = [bench_batch_norm(s, layout, jnp.float32, repeats) for s, layout in shapes]
+    if not args.quick:
+        bn_rows.append(bench_batch_norm(BF16_SHAPE[0], BF16_SHAPE[1], jnp.bfloat16, repeats))
+    dropout_rows = [bench_dropout(s, repeats) for s in
+                    ([(256, 256)] if args.quick else DROPOUT_SHAPES)]
+    missing = [m for m in ("flax", "torch") if m not in bn_rows[0]["seconds"]]
+    result = {"date": datetime.date.today().isoformat(),
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s), "
+                         f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
+              "command": "python -m experiments.benchmark" + (" --quick" if args.quick else ""),
+              "jax": jax.__version__, "batch_norm": bn_rows, "dropout": dropout_rows,
+              "summary": summarize(bn_rows), "missing": missing}
+    print_tables(result)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "benchmark.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nwrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
