@@ -97,7 +97,9 @@ def _normalize_core_fwd(x, gamma, beta, config):
     dtype = stat_dtype(x.dtype, gamma.dtype, beta.dtype)
     mean, var = _statistics(x, config, dtype)
     inv_std = jax.lax.rsqrt(var + config.eps)
-    y = (x.astype(dtype) - mean) * (inv_std * gamma.astype(dtype)) + beta.astype(dtype)
+    # (mean - x), not (x - mean): XLA would merge an identical x - mean here with the one inside a
+    # reduction and write it to memory in full; a distinct expression keeps every pass fused.
+    y = (mean - x.astype(dtype)) * -(inv_std * gamma.astype(dtype)) + beta.astype(dtype)
     return (y.astype(x.dtype), mean, var), Residuals(x, mean, inv_std, gamma)
 
 
@@ -144,19 +146,24 @@ def alt_rule(config: Config, residuals: Residuals,
     count = _count(x.shape, config.stat_axes, config.axis_name)
     dy32 = dy.astype(dtype)
     gamma32 = gamma.astype(dtype)
-    x_hat = (x.astype(dtype) - mean) * inv_std
+    # The reductions read x - mean; dx below uses mean - x (see _normalize_core_fwd for why).
+    xmu = x.astype(dtype) - mean
     param_axes = _param_axes(x, gamma)
     dbeta = jnp.sum(dy32, axis=param_axes, keepdims=True)
-    dgamma = jnp.sum(dy32 * x_hat, axis=param_axes, keepdims=True)
     if set(param_axes) == set(config.stat_axes):
+        # Batch norm: inv_std is constant over the summed axes and factors out.
+        dgamma = jnp.sum(dy32 * xmu, axis=param_axes, keepdims=True) * inv_std
         psum = (lambda a: a) if config.axis_name is None else (
             lambda a: jax.lax.psum(a, config.axis_name))
         sum_g, sum_g_xhat = gamma32 * psum(dbeta), gamma32 * psum(dgamma)
     else:
+        dgamma = jnp.sum(dy32 * xmu * inv_std, axis=param_axes, keepdims=True)
         g = dy32 * gamma32
         sum_g = _sum(g, config.stat_axes, config.axis_name)
-        sum_g_xhat = _sum(g * x_hat, config.stat_axes, config.axis_name)
-    dx = (gamma32 * inv_std) * dy32 - (inv_std / count) * (sum_g + x_hat * sum_g_xhat)
+        sum_g_xhat = _sum(g * xmu, config.stat_axes, config.axis_name) * inv_std
+    # dx = gamma * inv_std * dy - inv_std / m * (sum_g + x_hat * sum_g_xhat)
+    dx = ((gamma32 * inv_std) * dy32 - (inv_std / count) * sum_g
+          + (inv_std * inv_std / count * sum_g_xhat) * (mean - x.astype(dtype)))
     return dx.astype(x.dtype), dgamma.astype(gamma.dtype), dbeta
 
 

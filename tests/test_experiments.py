@@ -97,3 +97,21 @@ def test_quick_smoke_run_writes_png_json_and_report(tmp_path):
     # The findings quote the JSON's numbers.
     final_val = res["runs"]["0.75"]["val_acc"][-1]
     assert f"{final_val:.3f}" in report
+
+
+def test_benchmark_quick_writes_a_table_and_json(tmp_path, capsys):
+    from experiments import benchmark
+
+    result = benchmark.main(["--quick", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "batch norm, forward + backward" in printed and "dropout" in printed
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(result["summary"]))
+    for row in saved["batch_norm"]:
+        assert {"alt", "graph", "autodiff", "naive"} <= set(row["seconds"])
+        assert row["bound_seconds"] > 0
+        # The hand-written rule keeps one input-sized array plus per-feature vectors.
+        assert row["residual_bytes"]["alt"] <= 1.05 * row["x_bytes"]
+    for row in saved["dropout"]:
+        elements = row["x_bytes"] / 4
+        assert row["residual_bytes"]["jaxbn (packed mask)"] <= elements / 8 + 16
