@@ -46,10 +46,6 @@ QUICK_SHAPES = [((512, 256), "NC"), ((16, 8, 8, 8), "NCHW")]
 DROPOUT_SHAPES = [(4096, 1024), (64, 64, 32, 32)]
 
 
-def _feature_axis(layout):
-    return 1
-
-
 def _stat_axes(ndim, axis):
     return tuple(a for a in range(ndim) if a != axis)
 

@@ -314,38 +314,34 @@ def rel_error(x, y):
     return np.max(np.abs(x - y) / (np.maximum(1e-8, np.abs(x) + np.abs(y))))
 
 
-def eval_numerical_gradient(f, x, verbose=True, h=1e-5):
-    """Centered finite-difference gradient of the scalar ``f`` at the numpy array ``x`` (modified
-    in place and restored), as in cs231n's ``gradient_check``."""
+def _centered_differences(evaluate, x, h, combine, verbose=False):
+    """Perturbs each entry of the numpy array ``x`` in place by +-h (restoring it) and stores
+    ``combine(evaluate(x + h e_i), evaluate(x - h e_i)) / (2 h)``."""
     grad = np.zeros_like(x)
     it = np.nditer(x, flags=["multi_index"], op_flags=["readwrite"])
     while not it.finished:
         ix = it.multi_index
         old = x[ix]
         x[ix] = old + h
-        fxph = f(x)
+        plus = evaluate(x)
         x[ix] = old - h
-        fxmh = f(x)
+        minus = evaluate(x)
         x[ix] = old
-        grad[ix] = (fxph - fxmh) / (2 * h)
+        grad[ix] = combine(plus, minus) / (2 * h)
         if verbose:
             print(ix, grad[ix])
         it.iternext()
     return grad
 
 
+def eval_numerical_gradient(f, x, verbose=True, h=1e-5):
+    """Centered finite-difference gradient of the scalar ``f`` at the numpy array ``x`` (modified
+    in place and restored), as in cs231n's ``gradient_check``."""
+    return _centered_differences(f, x, h, lambda plus, minus: plus - minus, verbose)
+
+
 def eval_numerical_gradient_array(f, x, df, h=1e-5):
-    """Centered finite differences of ``sum(f(x) * df)`` w.r.t. the numpy array ``x``."""
-    grad = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"], op_flags=["readwrite"])
-    while not it.finished:
-        ix = it.multi_index
-        old = x[ix]
-        x[ix] = old + h
-        pos = np.array(f(x), copy=True)
-        x[ix] = old - h
-        neg = np.array(f(x), copy=True)
-        x[ix] = old
-        grad[ix] = np.sum((pos - neg) * df) / (2 * h)
-        it.iternext()
-    return grad
+    """Centered finite differences of ``sum(f(x) * df)`` w.r.t. the numpy array ``x``; the outputs
+    are differenced before the sum, so two large sums never cancel."""
+    return _centered_differences(lambda a: np.array(f(a), copy=True), x, h,
+                                 lambda plus, minus: np.sum((plus - minus) * df))

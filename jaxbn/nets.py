@@ -125,12 +125,13 @@ def init_mlp(key: jax.Array, input_dim: int, hidden_dims: Sequence[int], num_cla
     return params, NetState(tuple(states), normalization, rate)
 
 
-def _num_affine_layers(params: dict[str, Any]) -> int:
+def _num_layers(params: dict[str, Any], name: str) -> int:
+    """How many consecutive layers ``name.format(1)``, ``name.format(2)``, ... ``params`` holds."""
     count = 0
-    while f"W{count + 1}" in params:
+    while name.format(count + 1) in params:
         count += 1
     if count == 0:
-        raise ValueError("params must hold the weights W1, W2, ...; got keys "
+        raise ValueError(f"params must hold {name.format(1)}, {name.format(2)}, ...; got keys "
                          f"{sorted(params)}.")
     return count
 
@@ -153,7 +154,7 @@ def apply_mlp(params: dict[str, jax.Array], state: NetState, x: jax.Array, *, tr
       ``(scores, new_state)``.
     """
     _checks.check_train(train)
-    num_layers = _num_affine_layers(params)
+    num_layers = _num_layers(params, "W{}")
     x = _checks.check_float_array("x", x)
     x = x.reshape(x.shape[0], -1) if x.ndim != 2 else x
     if x.shape[1] != params["W1"].shape[0]:
@@ -230,9 +231,7 @@ def apply_conv_net(params: dict[str, jax.Array], state: NetState, x: jax.Array, 
     _checks.check_train(train)
     x = _checks.check_float_array("x", x)
     _checks.check_ndim("x", x, ndim=4, what="NCHW images")
-    num_conv = 0
-    while f"conv{num_conv + 1}_W" in params:
-        num_conv += 1
+    num_conv = _num_layers(params, "conv{}_W")
     if x.shape[1] != params["conv1_W"].shape[1]:
         raise ValueError(f"x must have {params['conv1_W'].shape[1]} channels (NCHW); got shape "
                          f"{tuple(x.shape)}.")
