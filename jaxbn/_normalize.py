@@ -136,7 +136,8 @@ def alt_rule(config: Config, residuals: Residuals,
         dgamma = sum(dy * x_hat)          # over the axes gamma broadcasts along
         dbeta  = sum(dy)
 
-    Sums in ``dx`` run over the statistics' axes (and across ``axis_name``). In batch norm gamma
+    Sums in ``dx`` run over the statistics' axes of the local batch (with ``axis_name`` or a mask,
+    :func:`_split_normalize` runs instead). In batch norm gamma
     is constant over those axes, so ``sum(g) = gamma * dbeta`` and ``sum(g * x_hat) = gamma *
     dgamma``, and dx reads ``(gamma * inv_std / m) * (m * dy - sum(dy) - x_hat * sum(dy * x_hat))``:
     both reductions come out of the one pass that also yields dgamma and dbeta.
@@ -153,9 +154,7 @@ def alt_rule(config: Config, residuals: Residuals,
     if set(param_axes) == set(config.stat_axes):
         # Batch norm: inv_std is constant over the summed axes and factors out.
         dgamma = jnp.sum(dy32 * xmu, axis=param_axes, keepdims=True) * inv_std
-        psum = (lambda a: a) if config.axis_name is None else (
-            lambda a: jax.lax.psum(a, config.axis_name))
-        sum_g, sum_g_xhat = gamma32 * psum(dbeta), gamma32 * psum(dgamma)
+        sum_g, sum_g_xhat = gamma32 * dbeta, gamma32 * dgamma
     else:
         dgamma = jnp.sum(dy32 * xmu * inv_std, axis=param_axes, keepdims=True)
         g = dy32 * gamma32
