@@ -161,7 +161,12 @@ def summarize_batch_size(res: dict) -> tuple[Table, list[str]]:
         change[name] = None if a is None or b is None else a - b
         findings.append(f"{name}: final validation accuracy {_f(a)} at batch size {small}, "
                         f"{_f(b)} at {large}.")
-    if change["batchnorm"] is not None and change["layernorm"] is not None:
+    if (change["batchnorm"] is not None and change["layernorm"] is not None
+            and max(abs(change["batchnorm"]), abs(change["layernorm"])) < 0.02):
+        findings.append(f"Going from batch {large} to batch {small} moved batch norm's accuracy by "
+                        f"{change['batchnorm']:+.3f} and layer norm's by {change['layernorm']:+.3f}: "
+                        f"both within 0.02, no clear batch-size sensitivity at these settings.")
+    elif change["batchnorm"] is not None and change["layernorm"] is not None:
         more = "batch norm" if abs(change["batchnorm"]) > abs(change["layernorm"]) else "layer norm"
         findings.append(f"Going from batch {large} to batch {small} moved batch norm's accuracy by "
                         f"{change['batchnorm']:+.3f} and layer norm's by {change['layernorm']:+.3f}: "

@@ -104,6 +104,28 @@ naive = lambda x, g, b: jnp.sum(reference.normalize(x, g[None], b[None], (0,), 1
 for a, r in zip(grads, jax.grad(naive, argnums=(0, 1, 2))(x, g, b)):
     close(a, r, 1e-12, "masked shard_map vs naive autodiff")
 
+# jax.pmap with the same axis name: one example group per device, the same as one big batch.
+xs = jax.random.normal(jax.random.key(5), (8, 4, 3), jnp.float64) * 3 + 1
+g3, b3 = jnp.array([1.0, 0.5, 2.0]), jnp.array([0.1, 0.2, 0.3])
+state3 = jaxbn.init_batch_norm_state(3, jnp.float64)
+dys = jax.random.normal(jax.random.key(6), (8, 4, 3), jnp.float64)
+
+
+def pmapped_loss(g):
+    y, new = jax.pmap(lambda x, g: jaxbn.batch_norm(x, g, b3, state3, train=True,
+                                                    axis_name="devices"),
+                      axis_name="devices", in_axes=(0, None))(xs, g)
+    return jnp.sum(y * dys), new
+
+
+(_, new_p), dg_p = jax.value_and_grad(pmapped_loss, has_aux=True)(g3)
+(_, new_1), dg_1 = jax.value_and_grad(
+    lambda g: (lambda y, n: (jnp.sum(y * dys.reshape(32, 3)), n))(
+        *jaxbn.batch_norm(xs.reshape(32, 3), g, b3, state3, train=True)), has_aux=True)(g3)
+close(dg_p, dg_1, 1e-12, "pmap dgamma")
+close(new_p.mean[0], new_1.mean, 1e-12, "pmap running mean")
+close(new_p.var[0], new_1.var, 1e-12, "pmap running var")
+
 # An unknown axis name inside shard_map is a clear error.
 bad = jax.shard_map(lambda x: jaxbn.batch_norm(x, g, b, state, train=True, axis_name="model")[0],
                     mesh=MESH, in_specs=P("data"), out_specs=P("data"))

@@ -71,15 +71,15 @@ def test_l2_penalty_covers_weights_only():
 
 @pytest.mark.parametrize("normalization", [None, "batchnorm", "layernorm"])
 def test_conv_net_shapes_state_and_gradients(normalization):
-    params, state = nets.init_conv_net(jax.random.key(0), (1, 8, 8), (4, 6), (10,), 5,
+    params, state = nets.init_conv_net(jax.random.key(0), (1, 4, 4), (2, 3), (5,), 5,
                                        normalization=normalization, dtype=jnp.float64)
-    assert params["conv1_W"].shape == (4, 1, 3, 3) and params["W1"].shape == (6 * 2 * 2, 10)
-    x = rand(1, (3, 1, 8, 8))
+    assert params["conv1_W"].shape == (2, 1, 3, 3) and params["W1"].shape == (3 * 1 * 1, 5)
+    x = rand(1, (3, 1, 4, 4))
     scores, new = nets.apply_conv_net(params, state, x, train=True)
     assert scores.shape == (3, 5)
     assert len(new.batch_norm) == (3 if normalization == "batchnorm" else 0)
     if normalization == "batchnorm":
-        assert new.batch_norm[0].mean.shape == (4,) and new.batch_norm[2].mean.shape == (10,)
+        assert new.batch_norm[0].mean.shape == (2,) and new.batch_norm[2].mean.shape == (5,)
         assert not np.allclose(new.batch_norm[0].mean, 0.0)
     loss = lambda p: jnp.sum(nets.apply_conv_net(p, state, x, train=True)[0] * rand(2, (3, 5)))
     # Finite differences can straddle a relu or max-pool kink: 1e-4, not float64's usual 1e-6.

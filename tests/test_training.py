@@ -58,8 +58,7 @@ def test_train_step_works_with_an_optax_schedule_and_reduces_loss():
     assert not np.allclose(state.batch_norm[0].mean, 0.0)
 
 
-@pytest.mark.parametrize("interrupt_after", [1, 2])
-def test_resume_is_bit_identical(tmp_path, interrupt_after):
+def test_resume_is_bit_identical(tmp_path, interrupt_after=2):
     x, y = _data(80)
     xv, yv = _data(30, seed=1)
     params, state = _model("batchnorm", dropout_rate=0.3)
