@@ -173,3 +173,18 @@ def test_bad_input():
             fit((x, y), resume=path)
         finally:
             os.remove(path)
+
+
+def test_progress_bar_on_request_and_off_by_flag(capsys):
+    x, y = _data(20)
+    params, state = _model()
+    run = lambda progress: training.fit(nets.apply_mlp, params, state, optax.adam(1e-3), (x, y),
+                                        key=jax.random.key(0), epochs=2, batch_size=10,
+                                        progress=progress, desc="demo")
+    run(True)
+    err = capsys.readouterr().err
+    assert "demo" in err and "/2 [" in err and "loss=" in err
+    run(False)
+    assert capsys.readouterr().err == ""
+    run(None)  # pytest's captured stderr is not a terminal: off
+    assert capsys.readouterr().err == ""
