@@ -31,8 +31,7 @@ def init_batch_norm_state(num_features: int, dtype: Any = jnp.float32) -> BatchN
       >>> state.mean, state.var
       (Array([0., 0., 0.], dtype=float32), Array([1., 1., 1.], dtype=float32))
     """
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"num_features must be a positive int; got {num_features!r}.")
+    num_features = _checks.check_positive_int("num_features", num_features)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating dtype; got {jnp.dtype(dtype)}.")
     return BatchNormState(jnp.zeros((num_features,), dtype), jnp.ones((num_features,), dtype))

@@ -76,6 +76,12 @@ def check_axis(name: str, axis: Any, ndim: int) -> int:
     return int(axis) % ndim
 
 
+def check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}.")
+    return int(value)
+
+
 def check_real(name: str, value: Any, *, low: float, high: float | None = None,
                low_open: bool = False) -> float:
     """Returns ``value`` as a Python float after checking that it lies in range.

@@ -63,12 +63,6 @@ def _check_dims(name: str, dims: Any) -> tuple[int, ...]:
     return dims
 
 
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}.")
-    return value
-
-
 def _check_options(normalization, dropout_rate, weight_scale):
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of None, 'batchnorm', 'layernorm'; "
@@ -107,8 +101,8 @@ def init_mlp(key: jax.Array, input_dim: int, hidden_dims: Sequence[int], num_cla
       ``(params, state)``: params ``W1..WL, b1..bL`` (and ``gamma1.., beta1..`` with
       normalization), and a :class:`NetState`.
     """
-    input_dim = _check_positive_int("input_dim", input_dim)
-    num_classes = _check_positive_int("num_classes", num_classes)
+    input_dim = _checks.check_positive_int("input_dim", input_dim)
+    num_classes = _checks.check_positive_int("num_classes", num_classes)
     hidden_dims = _check_dims("hidden_dims", hidden_dims)
     rate = _check_options(normalization, dropout_rate, weight_scale)
     dims = (input_dim, *hidden_dims, num_classes)
@@ -199,7 +193,7 @@ def init_conv_net(key: jax.Array, input_shape: Sequence[int] = (1, 8, 8),
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (C, H, W); got {input_shape!r}.")
     conv_channels = _check_dims("conv_channels", conv_channels)
-    kernel_size = _check_positive_int("kernel_size", kernel_size)
+    kernel_size = _checks.check_positive_int("kernel_size", kernel_size)
     _check_options(normalization, dropout_rate, weight_scale)
     channels, height, width = input_shape
     keys = jax.random.split(key, len(conv_channels) + 1)

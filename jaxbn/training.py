@@ -194,10 +194,9 @@ def fit(apply_fn: ApplyFn, params: Any, net_state: Any, optimizer: optax.Gradien
     x_train, y_train = _check_data("train_data", train_data)
     n = x_train.shape[0]
     for name, value in (("epochs", epochs), ("batch_size", batch_size),
-                        ("checkpoint_every", checkpoint_every), ("eval_batch_size",
-                                                                 eval_batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int; got {value!r}.")
+                        ("checkpoint_every", checkpoint_every),
+                        ("eval_batch_size", eval_batch_size)):
+        _checks.check_positive_int(name, value)
     if batch_size > n:
         raise ValueError(f"batch_size must be at most the number of training examples ({n}); "
                          f"got {batch_size}.")
