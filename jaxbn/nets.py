@@ -130,6 +130,24 @@ def _num_layers(params: dict[str, Any], name: str) -> int:
     return count
 
 
+def _normalize_hidden(h, params, gamma_name, beta_name, state, bn_states, new_states, *, train,
+                      spatial):
+    """A hidden layer's normalization as ``state.normalization`` says: batch norm (spatial for
+    conv features; it takes the next running statistics from ``bn_states`` and appends the new
+    ones to ``new_states``), layer norm (group norm with one group for conv features), or none."""
+    if state.normalization == "batchnorm":
+        norm = spatial_batch_norm if spatial else batch_norm
+        h, bn = norm(h, params[gamma_name], params[beta_name], bn_states.pop(0), train=train,
+                     momentum=state.momentum, eps=state.eps,
+                     axis_name=state.axis_name if train else None)
+        new_states.append(bn)
+    elif state.normalization == "layernorm":
+        gamma, beta = params[gamma_name], params[beta_name]
+        h = (group_norm(h, gamma, beta, groups=1, eps=state.eps) if spatial
+             else layer_norm(h, gamma, beta, eps=state.eps))
+    return h
+
+
 def _layer_key(key, index):
     return None if key is None else jax.random.fold_in(key, index)
 
@@ -159,13 +177,8 @@ def apply_mlp(params: dict[str, jax.Array], state: NetState, x: jax.Array, *, tr
     h = x
     for i in range(1, num_layers):
         h = h @ params[f"W{i}"] + params[f"b{i}"]
-        if state.normalization == "batchnorm":
-            h, bn = batch_norm(h, params[f"gamma{i}"], params[f"beta{i}"], bn_states[i - 1],
-                               train=train, momentum=state.momentum, eps=state.eps,
-                               axis_name=state.axis_name if train else None)
-            new_states.append(bn)
-        elif state.normalization == "layernorm":
-            h = layer_norm(h, params[f"gamma{i}"], params[f"beta{i}"], eps=state.eps)
+        h = _normalize_hidden(h, params, f"gamma{i}", f"beta{i}", state, bn_states, new_states,
+                              train=train, spatial=False)
         h = jax.nn.relu(h)
         if state.dropout_rate > 0.0:
             h = dropout(_layer_key(key, i), h, rate=state.dropout_rate, train=train)
@@ -236,15 +249,8 @@ def apply_conv_net(params: dict[str, jax.Array], state: NetState, x: jax.Array, 
         h = jax.lax.conv_general_dilated(h, params[f"conv{i}_W"].astype(h.dtype), (1, 1), "SAME",
                                          dimension_numbers=("NCHW", "OIHW", "NCHW"))
         h = h + params[f"conv{i}_b"].reshape(1, -1, 1, 1)
-        if state.normalization == "batchnorm":
-            h, bn = spatial_batch_norm(h, params[f"conv{i}_gamma"], params[f"conv{i}_beta"],
-                                       bn_states.pop(0), train=train, momentum=state.momentum,
-                                       eps=state.eps,
-                                       axis_name=state.axis_name if train else None)
-            new_states.append(bn)
-        elif state.normalization == "layernorm":
-            h = group_norm(h, params[f"conv{i}_gamma"], params[f"conv{i}_beta"], groups=1,
-                           eps=state.eps)
+        h = _normalize_hidden(h, params, f"conv{i}_gamma", f"conv{i}_beta", state, bn_states,
+                              new_states, train=train, spatial=True)
         h = jax.nn.relu(h)
         h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
     head = {k: v for k, v in params.items() if not k.startswith("conv")}
