@@ -16,7 +16,14 @@ def _block(out: Any) -> None:
 
 def interleaved_medians(fns: dict[str, Callable[[], Any]], *, repeats: int = 20,
                         warmup: int = 2, min_seconds: float = 0.0) -> dict[str, float]:
-    """Median seconds per call of each zero-argument function, measured in interleaved rounds.
+    """Median seconds per call of each zero-argument function, measured in interleaved rounds."""
+    times = interleaved_times(fns, repeats=repeats, warmup=warmup, min_seconds=min_seconds)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def interleaved_times(fns: dict[str, Callable[[], Any]], *, repeats: int = 20,
+                      warmup: int = 2, min_seconds: float = 0.0) -> dict[str, list[float]]:
+    """Seconds of every call of each zero-argument function, measured in interleaved rounds.
 
     Warm-up calls (compilation) are excluded. Rounds continue past ``repeats`` until at least
     ``min_seconds`` of measurement have passed.
@@ -33,4 +40,4 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], *, repeats: int = 20,
             _block(fn())
             times[name].append(time.perf_counter() - t0)
         rounds += 1
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times

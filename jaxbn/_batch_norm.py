@@ -7,10 +7,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxbn import _checks, reference
-from jaxbn._normalize import BACKWARDS, Config, normalize
-
-LAYOUTS = ("NCHW", "NHWC")
+from jaxbn import _checks, _layout
+from jaxbn._layout import Layout, check_image_layout, layout
+from jaxbn._normalize import BACKWARDS, Config, normalize, normalize_with
 
 
 class BatchNormState(NamedTuple):
@@ -75,8 +74,11 @@ def batch_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, state: BatchNorm
         ``lax.psum``. The "fewer than 2 values" check counts the global batch.
       mask: boolean array of ``x``'s shape without the feature axis (size 1 broadcasts): only the
         ``True`` entries enter the statistics and the running-statistics update, count-weighted
-        across ``axis_name``. Every entry is still normalized. A batch with no valid entry leaves
-        the running statistics unchanged and gives finite outputs (no NaN).
+        across ``axis_name``. The mask selects: ``False`` entries are padding, whatever they hold
+        (NaN, inf), and affect no valid output, statistic or gradient; their own output and
+        gradient are 0. A batch with no valid entry leaves the running statistics unchanged and
+        gives finite outputs (no NaN). With ``mask`` or ``axis_name``, ``backward`` is ``"alt"``
+        or ``"autodiff"`` (``"graph"`` raises).
 
     Returns:
       ``(y, new_state)``: ``y`` of ``x``'s shape and dtype, and the updated running statistics.
@@ -96,8 +98,9 @@ def batch_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, state: BatchNorm
     x = _checks.check_float_array("x", x)
     _checks.check_ndim("x", x, min_ndim=2, what="a batch axis and a feature axis")
     axis = _checks.check_axis("axis", axis, x.ndim)
-    return _batch_norm(x, gamma, beta, state, train=train, momentum=momentum, eps=eps,
-                       axis=axis, backward=backward, axis_name=axis_name, mask=mask)
+    lay = layout(x.shape, "batch", axis=axis)
+    return _batch_norm(x, gamma, beta, state, lay, train=train, momentum=momentum, eps=eps,
+                       backward=backward, axis_name=axis_name, mask=mask)
 
 
 def spatial_batch_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, state: BatchNormState, *,
@@ -109,27 +112,32 @@ def spatial_batch_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, state: B
     The same computation as :func:`batch_norm` with the channel axis as the feature axis; the
     statistics reduce over N, H and W in place (no transpose or reshape of ``x``).
 
+    The default layout is cs231n's and PyTorch's ``"NCHW"``; Flax and Equinox data is usually
+    ``"NHWC"``. A wrong layout is caught by the parameter shapes (the error names the fix) unless
+    ``C == H``: then nothing can tell the two apart, so pass ``layout`` explicitly.
+
     Shapes: ``N`` batch, ``C`` channels, ``H, W`` height and width; ``x`` is ``(N, C, H, W)`` for
-    ``layout="NCHW"`` (cs231n's) or ``(N, H, W, C)`` for ``"NHWC"``; ``gamma``, ``beta`` and the
-    state's arrays are ``(C,)``.
+    ``layout="NCHW"`` or ``(N, H, W, C)`` for ``"NHWC"`` (``"NCW"``/``"NWC"`` and
+    ``"NCDHW"``/``"NDHWC"`` for 1-D and 3-D data); ``gamma``, ``beta`` and the state's arrays are
+    ``(C,)``.
 
     Args:
       x, gamma, beta, state, train, momentum, eps, backward, axis_name: as in :func:`batch_norm`.
       mask: boolean, ``(N, H, W)`` for NCHW and NHWC alike (size 1 broadcasts).
-      layout: ``"NCHW"`` or ``"NHWC"``.
+      layout: ``"NCHW"`` (default) or ``"NHWC"``, or a 1-D/3-D layout as above.
 
     Returns:
       ``(y, new_state)`` as in :func:`batch_norm`.
 
     Raises:
-      As :func:`batch_norm`, and ValueError for an unknown ``layout`` or ``x`` not of rank 4.
+      As :func:`batch_norm`, and ValueError for an unknown ``layout`` or an ``x`` whose rank does
+      not match it.
     """
-    _checks.check_choice("layout", layout, LAYOUTS)
     x = _checks.check_float_array("x", x)
-    _checks.check_ndim("x", x, ndim=4, what=f"layout {layout}")
-    return _batch_norm(x, gamma, beta, state, train=train, momentum=momentum, eps=eps,
-                       axis=1 if layout == "NCHW" else 3, backward=backward, axis_name=axis_name,
-                       mask=mask)
+    check_image_layout("layout", layout, x.shape)
+    lay = _layout.layout(x.shape, "batch", image_layout=layout)
+    return _batch_norm(x, gamma, beta, state, lay, train=train, momentum=momentum, eps=eps,
+                       backward=backward, axis_name=axis_name, mask=mask)
 
 
 def check_axis_name(axis_name: Any) -> None:
@@ -145,67 +153,114 @@ def check_axis_name(axis_name: Any) -> None:
         ) from None
 
 
-def _check_mask(mask: Any, x: jax.Array, axis: int) -> jax.Array | None:
-    """Returns the mask as 0/1 weights of x's rank (size 1 on the feature axis)."""
+def check_mask(mask: Any, lay: Layout) -> jax.Array | None:
+    """Returns the boolean mask shaped to broadcast against the layout's view of x."""
     if mask is None:
         return None
     mask = jnp.asarray(mask)
-    expected = tuple(n for a, n in enumerate(x.shape) if a != axis)
     if mask.dtype != jnp.bool_:
         raise TypeError(f"mask must be a boolean array (True = valid entry); got dtype "
                         f"{mask.dtype}.")
-    if mask.ndim != len(expected) or any(m not in (1, n) for m, n in zip(mask.shape, expected)):
+    full = lay.mask_view(tuple(mask.shape))
+    if full is None:
+        expected = tuple(n for a, n in enumerate(lay.shape) if a != lay.feature_axis)
         raise ValueError(f"mask must have x's shape without the feature axis, {expected} (size 1 "
                          f"broadcasts); got shape {tuple(mask.shape)}.")
-    return jnp.expand_dims(mask, axis)
+    full = jnp.broadcast_to(mask.reshape(full), _unit(lay.shape, lay.feature_axis))
+    return full.reshape(_unit(lay.view, *_param_axes(lay)))
 
 
-def _batch_norm(x, gamma, beta, state, *, train, momentum, eps, axis, backward, axis_name, mask):
-    _checks.check_train(train)
+def _unit(shape, *axes):
+    return tuple(1 if a in axes else n for a, n in enumerate(shape))
+
+
+def _param_axes(lay: Layout) -> tuple[int, ...]:
+    return tuple(a for a, n in enumerate(lay.param_view) if n != 1)
+
+
+def check_param(name: str, p: Any, lay: Layout) -> jax.Array:
+    """A per-feature array of exactly ``lay.param_shape`` (shapes that would broadcast are
+    rejected too), floating; the error names the layout's fix."""
+    p = _checks.check_float_array(name, p)
+    if tuple(p.shape) != lay.param_shape:
+        raise lay.param_error(name, p.shape)
+    return p
+
+
+def check_state(state: Any, lay: Layout) -> BatchNormState:
+    if not isinstance(state, tuple) or len(state) != 2:
+        raise TypeError(f"state must be a BatchNormState(mean, var); got {type(state).__name__}. "
+                        f"Make one with jaxbn.init_batch_norm_state({lay.param_shape[0]}).")
+    return BatchNormState(check_param("state.mean", state[0], lay),
+                          check_param("state.var", state[1], lay))
+
+
+class Prepared(NamedTuple):
+    """A batch norm call after validation: the core's inputs in the layout's view."""
+
+    x: jax.Array  # x.reshape(layout.view)
+    gamma: jax.Array  # gamma.reshape(layout.param_view)
+    beta: jax.Array
+    state: BatchNormState  # without gradient
+    mask: jax.Array | None  # broadcastable to x's view
+    config: Config
+    momentum: float
+    layout: Layout
+
+
+def prepare(x, gamma, beta, state, lay: Layout, *, momentum, eps, backward, axis_name,
+            mask) -> Prepared:
+    """Checks every argument of a batch norm call at trace time and views them for the core."""
     _checks.check_choice("backward", backward, BACKWARDS)
     momentum = _checks.check_real("momentum", momentum, low=0.0, high=1.0)
     eps = _checks.check_real("eps", eps, low=0.0, low_open=True)
-    num_features = x.shape[axis]
-    gamma = _checks.check_param("gamma", gamma, num_features, "feature")
-    beta = _checks.check_param("beta", beta, num_features, "feature")
-    if not isinstance(state, tuple) or len(state) != 2:
-        raise TypeError(f"state must be a BatchNormState(mean, var); got {type(state).__name__}. "
-                        f"Make one with jaxbn.init_batch_norm_state({num_features}).")
-    state = BatchNormState(_checks.check_param("state.mean", state[0], num_features, "feature"),
-                           _checks.check_param("state.var", state[1], num_features, "feature"))
-    param_dtype = jnp.result_type(gamma.dtype, beta.dtype)
-    gamma, beta = gamma.astype(param_dtype), beta.astype(param_dtype)
-    shape = [1] * x.ndim
-    shape[axis] = num_features
-    stat_axes = tuple(a for a in range(x.ndim) if a != axis)
-    state = jax.tree.map(jax.lax.stop_gradient, state)
+    gamma, beta = check_param("gamma", gamma, lay), check_param("beta", beta, lay)
+    state = jax.tree.map(jax.lax.stop_gradient, check_state(state, lay))
     check_axis_name(axis_name)
-    weights = _check_mask(mask, x, axis)
+    mask = check_mask(mask, lay)
+    param_dtype = jnp.result_type(gamma.dtype, beta.dtype)
+    gamma = gamma.astype(param_dtype).reshape(lay.param_view)
+    beta = beta.astype(param_dtype).reshape(lay.param_view)
+    config = Config(stat_axes=lay.stat_axes, eps=eps, backward=backward, axis_name=axis_name)
+    return Prepared(x.reshape(lay.view), gamma, beta, state, mask, config, momentum, lay)
 
-    if not train:
-        y = reference.batch_norm_test(x, gamma, beta, state.mean, state.var, axis=axis, eps=eps)
-        return y, state
 
-    count = 1
-    for a in stat_axes:
-        count *= x.shape[a]
-    if axis_name is not None:
-        count *= jax.lax.psum(1, axis_name)
-    if count < 2 and weights is None:
+def _check_batch_size(p: Prepared) -> None:
+    count = p.layout.count
+    if p.config.axis_name is not None:
+        count *= jax.lax.psum(1, p.config.axis_name)
+    if count < 2 and p.mask is None:
+        hint = ("" if p.config.axis_name is not None else
+                " Calling batch norm per example under jax.vmap? Pass axis_name= (the vmap's "
+                "axis_name) so that the vmapped axis becomes the batch.")
         raise ValueError(
             f"x must have at least 2 values per feature in train mode (the batch variance of one "
-            f"value is 0); got shape {tuple(x.shape)} with feature axis {axis}, {count} value per "
-            f"feature."
-        )
-    config = Config(stat_axes=stat_axes, eps=eps, backward=backward, axis_name=axis_name)
-    y, mean, var = normalize(x, gamma.reshape(shape), beta.reshape(shape), config, weights)
-    new_state = update_state(state, mean.reshape(-1), var.reshape(-1), momentum)
-    if weights is not None:
-        # A batch without a valid entry has no statistics: keep the running ones.
-        valid = jnp.sum(weights) if axis_name is None else jax.lax.psum(jnp.sum(weights),
-                                                                          axis_name)
-        new_state = jax.tree.map(lambda new, old: jnp.where(valid > 0, new, old), new_state, state)
-    return y, new_state
+            f"value is 0); got shape {p.layout.shape}, {count} value per feature.{hint}")
+
+
+def _batch_norm(x, gamma, beta, state, lay, *, train, **options):
+    _checks.check_train(train)
+    p = prepare(x, gamma, beta, state, lay, **options)
+    if not train:
+        mean, var = (a.reshape(lay.param_view) for a in p.state)
+        y = normalize_with(p.x, p.gamma, p.beta, mean, var, p.config.eps)
+        return y.reshape(lay.shape), p.state
+    _check_batch_size(p)
+    y, mean, var = normalize(p.x, p.gamma, p.beta, p.config, p.mask)
+    return y.reshape(lay.shape), new_state(p, mean, var)
+
+
+def new_state(p: Prepared, mean: jax.Array, var: jax.Array) -> BatchNormState:
+    """The running statistics after a train step with batch statistics ``mean``, ``var``."""
+    mean, var = (a.reshape(-1) for a in jax.lax.stop_gradient((mean, var)))
+    new = update_state(p.state, mean, var, p.momentum)
+    if p.mask is None:
+        return new
+    # A batch without a valid entry has no statistics: keep the running ones.
+    valid = jnp.sum(p.mask)
+    if p.config.axis_name is not None:
+        valid = jax.lax.psum(valid, p.config.axis_name)
+    return jax.tree.map(lambda a, b: jnp.where(valid > 0, a, b), new, p.state)
 
 
 def update_state(state: BatchNormState, mean: jax.Array, var: jax.Array,

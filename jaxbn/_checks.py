@@ -14,8 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def _static_hint(name: str) -> str:
+    return (f" It configures the computation at trace time, so it cannot be a traced value: mark "
+            f"it static (jax.jit(f, static_argnames=({name!r},))) or close over it "
+            f"(functools.partial(f, {name}=...)).")
+
+
 def check_train(train: Any) -> None:
     """``train`` selects a code path at trace time, so it must be a Python bool."""
+    if isinstance(train, jax.core.Tracer):
+        raise TypeError(f"train must be a Python bool (True for batch statistics, False for "
+                        f"running statistics); got a traced value {train}." + _static_hint("train"))
     if not isinstance(train, (bool, np.bool_)):
         raise TypeError(
             f"train must be a Python bool (True for batch statistics, False for running "
@@ -88,6 +97,9 @@ def check_real(name: str, value: Any, *, low: float, high: float | None = None,
 
     The value must be concrete (a Python or numpy number): it configures the computation.
     """
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(f"{name} must be a Python number; got a traced value {value}."
+                        + _static_hint(name))
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
         raise TypeError(
             f"{name} must be a Python number; got {value!r} of type {type(value).__name__}."

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import jax
 
-from jaxbn import _checks, reference
-from jaxbn._batch_norm import LAYOUTS
+from jaxbn import _checks, _layout
+from jaxbn._batch_norm import check_param
+from jaxbn._layout import check_image_layout
 from jaxbn._normalize import BACKWARDS, Config, normalize
 
 
@@ -46,12 +47,21 @@ def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: float = 
     eps = _check_common(eps, backward)
     x = _checks.check_float_array("x", x)
     _checks.check_ndim("x", x, min_ndim=1, what="features on the last axis")
-    gamma = _checks.check_param("gamma", gamma, x.shape[-1], "feature")
-    beta = _checks.check_param("beta", beta, x.shape[-1], "feature")
-    param_shape = (1,) * (x.ndim - 1) + (x.shape[-1],)
-    config = Config(stat_axes=(x.ndim - 1,), eps=eps, backward=backward)
-    return normalize(x, gamma.reshape(param_shape), beta.astype(gamma.dtype).reshape(param_shape),
-                     config)[0]
+    lay = _layout.layout(x.shape, "layer")
+    return _apply(x, gamma, beta, lay, eps, backward)
+
+
+def prepare(x, gamma, beta, lay, eps, backward):
+    """Checks the parameters against the layout; returns the core's inputs in its view."""
+    gamma = check_param("gamma", gamma, lay)
+    beta = check_param("beta", beta, lay).astype(gamma.dtype)
+    config = Config(stat_axes=lay.stat_axes, eps=eps, backward=backward)
+    return (x.reshape(lay.view), gamma.reshape(lay.param_view), beta.reshape(lay.param_view),
+            config)
+
+
+def _apply(x, gamma, beta, lay, eps, backward):
+    return normalize(*prepare(x, gamma, beta, lay, eps, backward))[0].reshape(lay.shape)
 
 
 def group_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, groups: int,
@@ -82,20 +92,15 @@ def group_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, groups: int,
       ``groups`` not a positive divisor of ``C``, unknown ``layout``/``backward``, ``eps <= 0``.
     """
     eps = _check_common(eps, backward)
-    _checks.check_choice("layout", layout, LAYOUTS)
     x = _checks.check_float_array("x", x)
-    _checks.check_ndim("x", x, ndim=4, what=f"layout {layout}")
-    channels = x.shape[1] if layout == "NCHW" else x.shape[3]
+    check_image_layout("layout", layout, x.shape)
+    channels = x.shape[_layout.channel_axis(layout, x.ndim)]
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise TypeError(f"groups must be an int; got {groups!r} of type {type(groups).__name__}.")
     if groups < 1 or channels % groups:
-        raise ValueError(f"groups must be a positive divisor of the {channels} channels of x; "
-                         f"got {groups}.")
-    gamma = _checks.check_param("gamma", gamma, channels, "channel")
-    beta = _checks.check_param("beta", beta, channels, "channel").astype(gamma.dtype)
+        raise ValueError(f"groups must be a positive divisor of the {channels} channels of x "
+                         f"(layout={layout!r}); got {groups}.")
     # Splitting the channel axis in two is a free reshape (no copy); the statistics then reduce
     # over (channels in group, H, W) in place.
-    split, param_shape, stat_axes = reference.group_layout(x.shape, groups, layout)
-    config = Config(stat_axes=stat_axes, eps=eps, backward=backward)
-    y = normalize(x.reshape(split), gamma.reshape(param_shape), beta.reshape(param_shape), config)[0]
-    return y.reshape(x.shape)
+    lay = _layout.layout(x.shape, "group", image_layout=layout, groups=groups)
+    return _apply(x, gamma, beta, lay, eps, backward)

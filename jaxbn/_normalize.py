@@ -16,11 +16,24 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxbn import reference
 from jaxbn._checks import stat_dtype
-from jaxbn.reference import _count, _sum
 
 BACKWARDS = ("alt", "graph", "autodiff")
+# With a mask or axis_name the statistics are joined between two local rules (see
+# _split_normalize); the staged "graph" rule needs the whole batch in one place.
+SPLIT_BACKWARDS = ("alt", "autodiff")
+
+
+def _sum(a: jax.Array, axes: tuple[int, ...], axis_name: Any = None) -> jax.Array:
+    total = jnp.sum(a, axis=axes, keepdims=True)
+    return total if axis_name is None else jax.lax.psum(total, axis_name)
+
+
+def _count(shape: tuple[int, ...], axes: tuple[int, ...], axis_name: Any = None) -> Any:
+    count = 1
+    for a in axes:
+        count *= shape[a]
+    return count if axis_name is None else count * jax.lax.psum(1, axis_name)
 
 
 class Config(NamedTuple):
@@ -42,24 +55,31 @@ class Residuals(NamedTuple):
 
 
 def normalize(x: jax.Array, gamma: jax.Array, beta: jax.Array, config: Config,
-              weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+              mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns ``(y, mean, var)``; ``gamma``/``beta`` must already broadcast against ``x``.
 
     ``mean`` and ``var`` are the batch statistics (float32 or wider) with the reduced axes kept as
     size 1. Only ``y`` is differentiable under the hand-written rules: the statistics feed the
-    running averages, which carry no gradient. ``weights`` (0/1, broadcastable to ``x``) restricts
-    the statistics to the valid entries.
+    running averages, which carry no gradient. ``mask`` (boolean, broadcastable to ``x``) selects
+    the valid entries; the others are padding (see :func:`_split_normalize`).
 
-    Without ``weights`` and ``config.axis_name`` the fused ``custom_vjp`` runs (:func:`alt_rule` or
-    :func:`graph_rule`); with either, :func:`_split_normalize`.
+    Without ``mask`` and ``config.axis_name`` the fused ``custom_vjp`` runs (:func:`alt_rule` or
+    :func:`graph_rule`); with either, :func:`_split_normalize`. ``"autodiff"`` runs the naive
+    forward of :mod:`jaxbn.reference` (the one place the implementation calls the oracle).
     """
     if config.backward == "autodiff":
+        from jaxbn import reference  # the oracle, imported only where it is the computation
         return reference.normalize(x, gamma, beta, config.stat_axes, config.eps, config.axis_name,
-                                   weights)
+                                   mask)
     gamma, beta = vary_like(gamma, x), vary_like(beta, x)
-    if config.axis_name is None and weights is None:
+    if config.axis_name is None and mask is None:
         return _normalize_core(x, gamma, beta, config)
-    return _split_normalize(x, gamma, beta, config, weights)
+    if config.backward not in SPLIT_BACKWARDS:
+        raise ValueError(
+            f"backward={config.backward!r} is not available with mask= or axis_name=: that path "
+            f"joins the statistics between two local hand-written rules and supports backward="
+            + " or ".join(repr(b) for b in SPLIT_BACKWARDS) + ".")
+    return _split_normalize(x, gamma, beta, config, mask)
 
 
 def vary_like(a: jax.Array, x: jax.Array) -> jax.Array:
@@ -116,6 +136,19 @@ def _normalize_core_bwd(config, residuals, cotangents):
 
 
 _normalize_core.defvjp(_normalize_core_fwd, _normalize_core_bwd)
+
+
+def normalize_with(x: jax.Array, gamma: jax.Array, beta: jax.Array, mean: jax.Array,
+                   var: jax.Array, eps: float) -> jax.Array:
+    """``gamma * (x - mean) / sqrt(var + eps) + beta`` with given statistics (test mode).
+
+    All arguments broadcast against ``x``; the arithmetic runs in float32 or wider and ``y`` keeps
+    ``x``'s dtype. Plain ``jnp``: its derivative is JAX's.
+    """
+    dtype = stat_dtype(x.dtype, gamma.dtype, mean.dtype)
+    scale = jax.lax.rsqrt(var.astype(dtype) + eps) * gamma.astype(dtype)
+    y = (x.astype(dtype) - mean.astype(dtype)) * scale + beta.astype(dtype)
+    return y.astype(x.dtype)
 
 
 def _param_axes(x: jax.Array, gamma: jax.Array) -> tuple[int, ...]:
@@ -216,64 +249,69 @@ def graph_rule(config: Config, residuals: Residuals,
 # mapped axes by JAX, under vmap, shard_map and pmap alike.
 
 
-def _split_normalize(x, gamma, beta, config, weights):
+def _split_normalize(x, gamma, beta, config, mask):
     """``y`` from statistics over the valid entries of the global batch.
 
-    With ``w`` the 0/1 weights (all ones without a mask) and ``n = psum(sum(w))``::
+    With ``v`` the valid entries (all of them without a mask), ``x_v = where(v, x, 0)`` and
+    ``n = psum(count(v))``::
 
-        mean = psum(sum(w * x)) / n
-        var  = psum(_centered_square_sum(x, mean, w)) / n       # sum(w * (x - mean)^2)
-        y    = _affine_core(x, gamma, beta, mean, rsqrt(var + eps))
+        mean = psum(sum(x_v)) / n
+        var  = psum(_centered_square_sum(x_v, mean, v)) / n       # sum over v of (x - mean)^2
+        y    = where(v, _affine_core(x_v, gamma, beta, mean, rsqrt(var + eps)), 0)
 
-    A feature with no valid entry (``n = 0``) gets mean 0 and variance 0: finite, never NaN.
+    A mask *selects*: masked-out entries are replaced by 0 before any arithmetic, so whatever they
+    hold (NaN, inf, 1e30) reaches neither the statistics nor a gradient; their output and their
+    own gradient are 0. A feature with no valid entry gets mean 0 and variance 0, never NaN.
     """
     dtype = stat_dtype(x.dtype, gamma.dtype, beta.dtype)
     axes, axis_name = config.stat_axes, config.axis_name
-    xs = x.astype(dtype)
-    if weights is None:
+    if mask is None:
         count = _count(x.shape, axes, axis_name)
-        total = _sum(xs, axes, axis_name)
     else:
-        weights = weights.astype(dtype)
-        count = _sum(jnp.broadcast_to(weights, _unit_params(x.shape, gamma.shape)), axes,
-                     axis_name)
-        total = _sum(weights * xs, axes, axis_name)
+        mask = jnp.broadcast_to(mask, _unit_params(x.shape, gamma.shape))
+        count = _sum(mask.astype(dtype), axes, axis_name)
+        x = jnp.where(mask, x, jnp.zeros((), x.dtype))
     safe_count = jnp.maximum(count, 1)
-    mean = total / safe_count
+    mean = _sum(x.astype(dtype), axes, axis_name) / safe_count
     # The rules see the statistics as device-varying (see vary_like); the returned ones stay global.
-    square_sum = _centered_square_sum(x, vary_like(mean, x), weights, axes)
+    square_sum = _centered_square_sum(x, vary_like(mean, x), mask, axes)
     if axis_name is not None:
         square_sum = jax.lax.psum(square_sum, axis_name)
     var = square_sum / safe_count
     inv_std = jax.lax.rsqrt(var + config.eps)
     y = _affine_core(x, gamma, beta, vary_like(mean, x), vary_like(inv_std, x), axes)
+    if mask is not None:
+        y = jnp.where(mask, y, jnp.zeros((), y.dtype))
     return y, mean, var
 
 
 def _unit_params(x_shape, param_shape):
-    """x's shape with size 1 where the parameters vary (the weights' full shape)."""
+    """x's shape with size 1 where the parameters vary (the mask's full shape)."""
     return tuple(1 if p != 1 else n for n, p in zip(x_shape, param_shape))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _centered_square_sum(x, mean, weights, stat_axes):
-    return _centered_square_sum_fwd(x, mean, weights, stat_axes)[0]
+def _centered_square_sum(x, mean, mask, stat_axes):
+    return _centered_square_sum_fwd(x, mean, mask, stat_axes)[0]
 
 
-def _centered_square_sum_fwd(x, mean, weights, stat_axes):
+def _centered(x, mean, mask):
     xmu = x.astype(mean.dtype) - mean
-    weighted = xmu if weights is None else weights * xmu
-    return jnp.sum(weighted * xmu, axis=stat_axes, keepdims=True), (x, mean, weights)
+    return xmu if mask is None else jnp.where(mask, xmu, 0)
+
+
+def _centered_square_sum_fwd(x, mean, mask, stat_axes):
+    xmu = _centered(x, mean, mask)
+    return jnp.sum(xmu * xmu, axis=stat_axes, keepdims=True), (x, mean, mask)
 
 
 def _centered_square_sum_bwd(stat_axes, residuals, ct):
-    """``q = sum(w * (x - mean)^2)`` (local): ``dx = 2 w (x - mean) ct``,
-    ``dmean = -2 ct sum(w (x - mean))``; the weights are data, not parameters."""
-    x, mean, weights = residuals
-    xmu = x.astype(mean.dtype) - mean
-    weighted = xmu if weights is None else weights * xmu
-    dx = (2.0 * ct * weighted).astype(x.dtype)
-    dmean = -2.0 * ct * jnp.sum(weighted, axis=stat_axes, keepdims=True)
+    """``q = sum over the valid entries of (x - mean)^2`` (local): ``dx = 2 (x - mean) ct`` on
+    the valid entries and 0 elsewhere, ``dmean = -2 ct sum(x - mean)``; the mask is data."""
+    x, mean, mask = residuals
+    xmu = _centered(x, mean, mask)
+    dx = (2.0 * ct * xmu).astype(x.dtype)
+    dmean = -2.0 * ct * jnp.sum(xmu, axis=stat_axes, keepdims=True)
     return dx, dmean, None
 
 

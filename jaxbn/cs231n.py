@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn import _checks, nets, reference
-from jaxbn._batch_norm import BatchNormState, update_state
+from jaxbn import _batch_norm, _checks, _layer_norm, nets
+from jaxbn._batch_norm import BatchNormState
 from jaxbn._dropout import dropout
+from jaxbn._layout import layout
 from jaxbn._normalize import Config, Residuals, _normalize_core_fwd, alt_rule, graph_rule
 
 __all__ = [
@@ -102,27 +103,26 @@ def _mode(param: dict, name: str) -> str:
     return mode
 
 
-def _batchnorm(x, gamma, beta, bn_param, stat_axes, param_shape):
+def _batchnorm(x, gamma, beta, bn_param, image_layout):
     mode = _mode(bn_param, "bn_param")
-    eps = bn_param.get("eps", 1e-5)
-    momentum = bn_param.get("momentum", 0.9)
     x = jnp.asarray(x)
-    gamma, beta = jnp.asarray(gamma).reshape(param_shape), jnp.asarray(beta).reshape(param_shape)
-    num_features = gamma.size
+    lay = layout(x.shape, "batch", axis=1, image_layout=image_layout)
     dtype = _checks.stat_dtype(x.dtype)
-    state = BatchNormState(jnp.asarray(bn_param.get("running_mean", np.zeros(num_features, dtype))),
-                           jnp.asarray(bn_param.get("running_var", np.zeros(num_features, dtype))))
+    zeros = np.zeros(lay.param_shape, dtype)
+    state = BatchNormState(jnp.asarray(bn_param.get("running_mean", zeros)),
+                           jnp.asarray(bn_param.get("running_var", zeros)))
+    options = dict(momentum=bn_param.get("momentum", 0.9), eps=bn_param.get("eps", 1e-5))
+    gamma, beta = jnp.asarray(gamma), jnp.asarray(beta)
     if mode == "train":
-        config = Config(stat_axes=stat_axes, eps=float(eps), backward="alt")
-        (out, mean, var), residuals = _core_fwd(x, gamma, beta, config)
-        state = update_state(state, mean.reshape(-1), var.reshape(-1), momentum)
-        cache = _NormCache(config, residuals, shape=x.shape)
+        p = _batch_norm.prepare(x, gamma, beta, state, lay, backward="alt", axis_name=None,
+                                mask=None, **options)
+        (out, mean, var), residuals = _core_fwd(p.x, p.gamma, p.beta, p.config)
+        state = _batch_norm.new_state(p, mean, var)
+        cache = _NormCache(p.config, residuals, shape=x.shape)
     else:
-        axis = next(a for a in range(x.ndim) if a not in stat_axes)
-        out, pullback = jax.vjp(
-            lambda x, g, b: reference.batch_norm_test(x, g.reshape(-1), b.reshape(-1), state.mean,
-                                                      state.var, axis=axis, eps=eps),
-            x, gamma, beta)
+        out, pullback = jax.vjp(lambda x, g, b: _batch_norm._batch_norm(
+            x, g, b, state, lay, train=False, backward="alt", axis_name=None, mask=None,
+            **options)[0], x, gamma, beta)
         cache = _NormCache(None, None, pullback, x.shape)
     bn_param["running_mean"], bn_param["running_var"] = _np(*state)
     return _np(out), cache
@@ -142,7 +142,7 @@ def batchnorm_forward(x, gamma, beta, bn_param):
     """Batch norm of ``(N, D)`` data; ``bn_param``: ``mode`` ('train'/'test', required), ``eps``
     (1e-5), ``momentum`` (0.9), ``running_mean``/``running_var`` (zeros by default), updated in
     place as ``momentum * running + (1 - momentum) * batch``. Returns ``(out, cache)``."""
-    return _batchnorm(x, gamma, beta, bn_param, (0,), (1, -1))
+    return _batchnorm(x, gamma, beta, bn_param, None)
 
 
 def batchnorm_backward(dout, cache):
@@ -157,7 +157,7 @@ def batchnorm_backward_alt(dout, cache):
 
 def spatial_batchnorm_forward(x, gamma, beta, bn_param):
     """Batch norm of ``(N, C, H, W)`` data per channel; ``gamma``/``beta`` ``(C,)``."""
-    return _batchnorm(x, gamma, beta, bn_param, (0, 2, 3), (1, -1, 1, 1))
+    return _batchnorm(x, gamma, beta, bn_param, "NCHW")
 
 
 def spatial_batchnorm_backward(dout, cache):
@@ -167,10 +167,16 @@ def spatial_batchnorm_backward(dout, cache):
 def layernorm_forward(x, gamma, beta, ln_param):
     """Layer norm of ``(N, D)`` data over D; ``ln_param`` may hold ``eps``."""
     x = jnp.asarray(x)
-    config = Config(stat_axes=(1,), eps=float(ln_param.get("eps", 1e-5)), backward="alt")
-    (out, _, _), residuals = _core_fwd(x, jnp.asarray(gamma).reshape(1, -1),
-                                       jnp.asarray(beta).reshape(1, -1), config)
-    return _np(out), _NormCache(config, residuals, shape=x.shape)
+    return _norm_forward(x, gamma, beta, layout(x.shape, "layer"), ln_param)
+
+
+def _norm_forward(x, gamma, beta, lay, param):
+    """Layer/group norm forward through the core's own forward, keeping its residuals."""
+    xv, gv, bv, config = _layer_norm.prepare(x, jnp.asarray(gamma).reshape(lay.param_shape),
+                                             jnp.asarray(beta).reshape(lay.param_shape), lay,
+                                             float(param.get("eps", 1e-5)), "alt")
+    (out, _, _), residuals = _core_fwd(xv, gv, bv, config)
+    return _np(out.reshape(lay.shape)), _NormCache(config, residuals, shape=lay.shape)
 
 
 def layernorm_backward(dout, cache):
@@ -184,11 +190,8 @@ def spatial_groupnorm_forward(x, gamma, beta, G, gn_param):
     channels = x.shape[1]
     if isinstance(G, bool) or not isinstance(G, (int, np.integer)) or G < 1 or channels % G:
         raise ValueError(f"G must be a positive divisor of the {channels} channels; got {G!r}.")
-    split, param_shape, stat_axes = reference.group_layout(x.shape, int(G), "NCHW")
-    config = Config(stat_axes=stat_axes, eps=float(gn_param.get("eps", 1e-5)), backward="alt")
-    (out, _, _), residuals = _core_fwd(x.reshape(split), jnp.asarray(gamma).reshape(param_shape),
-                                       jnp.asarray(beta).reshape(param_shape), config)
-    return _np(out.reshape(x.shape)), _NormCache(config, residuals, shape=x.shape)
+    lay = layout(x.shape, "group", image_layout="NCHW", groups=int(G))
+    return _norm_forward(x, gamma, beta, lay, gn_param)
 
 
 def spatial_groupnorm_backward(dout, cache):

@@ -28,6 +28,10 @@ from jaxbn import _checks
 from jaxbn._batch_norm import BatchNormState, batch_norm, init_batch_norm_state, spatial_batch_norm
 from jaxbn._dropout import dropout
 from jaxbn._layer_norm import group_norm, layer_norm
+from jaxbn._losses import l2_penalty, softmax_cross_entropy
+
+__all__ = ["NetState", "init_mlp", "apply_mlp", "init_conv_net", "apply_conv_net",
+           "softmax_cross_entropy", "l2_penalty", "NORMALIZATIONS"]
 
 NORMALIZATIONS = (None, "batchnorm", "layernorm")
 
@@ -130,22 +134,27 @@ def _num_layers(params: dict[str, Any], name: str) -> int:
     return count
 
 
-def _normalize_hidden(h, params, gamma_name, beta_name, state, bn_states, new_states, *, train,
-                      spatial):
-    """A hidden layer's normalization as ``state.normalization`` says: batch norm (spatial for
-    conv features; it takes the next running statistics from ``bn_states`` and appends the new
-    ones to ``new_states``), layer norm (group norm with one group for conv features), or none."""
+def _normalize_hidden(h, gamma, beta, state, bn_state, *, train, spatial):
+    """A hidden layer's normalization as ``state.normalization`` says: batch norm with the running
+    statistics ``bn_state`` (spatial for conv features), layer norm (group norm with one group
+    for conv features), or none. Returns ``(h, new_bn_state)``; ``new_bn_state`` is None unless
+    the layer is batch-normalized. Pure: nothing it is given is changed."""
     if state.normalization == "batchnorm":
         norm = spatial_batch_norm if spatial else batch_norm
-        h, bn = norm(h, params[gamma_name], params[beta_name], bn_states.pop(0), train=train,
-                     momentum=state.momentum, eps=state.eps,
-                     axis_name=state.axis_name if train else None)
-        new_states.append(bn)
-    elif state.normalization == "layernorm":
-        gamma, beta = params[gamma_name], params[beta_name]
+        return norm(h, gamma, beta, bn_state, train=train, momentum=state.momentum,
+                    eps=state.eps, axis_name=state.axis_name if train else None)
+    if state.normalization == "layernorm":
         h = (group_norm(h, gamma, beta, groups=1, eps=state.eps) if spatial
              else layer_norm(h, gamma, beta, eps=state.eps))
-    return h
+    return h, None
+
+
+def _hidden_layer(h, gamma, beta, state, bn_states, *, train, spatial):
+    """Normalizes one hidden layer; returns ``(h, bn_states)`` with the layer's new running
+    statistics appended to the tuple it was given (a new tuple)."""
+    bn_state = state.batch_norm[len(bn_states)] if state.normalization == "batchnorm" else None
+    h, new = _normalize_hidden(h, gamma, beta, state, bn_state, train=train, spatial=spatial)
+    return h, bn_states if new is None else bn_states + (new,)
 
 
 def _layer_key(key, index):
@@ -172,18 +181,16 @@ def apply_mlp(params: dict[str, jax.Array], state: NetState, x: jax.Array, *, tr
     if x.shape[1] != params["W1"].shape[0]:
         raise ValueError(f"x must have {params['W1'].shape[0]} features per example (W1's "
                          f"input dimension); got shape {tuple(x.shape)}.")
-    bn_states = list(state.batch_norm)
-    new_states = []
-    h = x
+    h, new_states = x, ()
     for i in range(1, num_layers):
         h = h @ params[f"W{i}"] + params[f"b{i}"]
-        h = _normalize_hidden(h, params, f"gamma{i}", f"beta{i}", state, bn_states, new_states,
-                              train=train, spatial=False)
+        h, new_states = _hidden_layer(h, params.get(f"gamma{i}"), params.get(f"beta{i}"), state,
+                                      new_states, train=train, spatial=False)
         h = jax.nn.relu(h)
         if state.dropout_rate > 0.0:
             h = dropout(_layer_key(key, i), h, rate=state.dropout_rate, train=train)
     scores = h @ params[f"W{num_layers}"] + params[f"b{num_layers}"]
-    return scores, dataclasses.replace(state, batch_norm=tuple(new_states))
+    return scores, dataclasses.replace(state, batch_norm=new_states)
 
 
 def init_conv_net(key: jax.Array, input_shape: Sequence[int] = (1, 8, 8),
@@ -242,33 +249,16 @@ def apply_conv_net(params: dict[str, jax.Array], state: NetState, x: jax.Array, 
     if x.shape[1] != params["conv1_W"].shape[1]:
         raise ValueError(f"x must have {params['conv1_W'].shape[1]} channels (NCHW); got shape "
                          f"{tuple(x.shape)}.")
-    bn_states = list(state.batch_norm)
-    new_states = []
-    h = x
+    h, new_states = x, ()
     for i in range(1, num_conv + 1):
         h = jax.lax.conv_general_dilated(h, params[f"conv{i}_W"].astype(h.dtype), (1, 1), "SAME",
                                          dimension_numbers=("NCHW", "OIHW", "NCHW"))
         h = h + params[f"conv{i}_b"].reshape(1, -1, 1, 1)
-        h = _normalize_hidden(h, params, f"conv{i}_gamma", f"conv{i}_beta", state, bn_states,
-                              new_states, train=train, spatial=True)
+        h, new_states = _hidden_layer(h, params.get(f"conv{i}_gamma"), params.get(f"conv{i}_beta"),
+                                      state, new_states, train=train, spatial=True)
         h = jax.nn.relu(h)
         h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
     head = {k: v for k, v in params.items() if not k.startswith("conv")}
-    scores, head_state = apply_mlp(head, dataclasses.replace(state, batch_norm=tuple(bn_states)),
-                                   h, train=train, key=key)
-    return scores, dataclasses.replace(head_state,
-                                       batch_norm=tuple(new_states) + head_state.batch_norm)
-
-
-def softmax_cross_entropy(scores: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy of ``(N, K)`` scores against integer labels ``(N,)``."""
-    log_probs = jax.nn.log_softmax(scores.astype(_checks.stat_dtype(scores.dtype)), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1))
-
-
-def l2_penalty(params: Any, reg: float) -> jax.Array:
-    """``0.5 * reg * sum(W ** 2)`` over the weights: the parameters of rank >= 2 (matrices and
-    conv kernels), never biases, gammas or betas."""
-    weights = [w for w in jax.tree.leaves(params) if w.ndim >= 2]
-    return 0.5 * reg * sum(jnp.sum(jnp.square(w.astype(_checks.stat_dtype(w.dtype))))
-                           for w in weights)
+    head_state = dataclasses.replace(state, batch_norm=state.batch_norm[len(new_states):])
+    scores, head_state = apply_mlp(head, head_state, h, train=train, key=key)
+    return scores, dataclasses.replace(head_state, batch_norm=new_states + head_state.batch_norm)

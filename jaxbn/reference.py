@@ -1,9 +1,12 @@
 """Naive forwards in plain ``jnp``: the ground truth the hand-written rules are tested against.
 
 Nothing here has a custom derivative: differentiating these functions with JAX gives the exact
-gradients the ``custom_vjp`` rules in jaxbn must reproduce. They are also what
-``backward="autodiff"`` runs. They take the same arguments as the public functions but skip their
-argument checks.
+gradients the ``custom_vjp`` rules in jaxbn must reproduce. ``backward="autodiff"`` runs them too.
+They take the same arguments as the public functions but skip their argument checks.
+
+This module is the oracle, so it imports nothing from jaxbn: every helper it needs (sums, counts,
+the group-norm reshape, the statistics dtype) is written here again on purpose. A helper shared
+with the implementation would hide a bug that both then have.
 
 Shape legend: ``N`` batch, ``D`` features, ``C, H, W`` channels, height, width, ``G`` groups.
 """
@@ -15,50 +18,49 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxbn._checks import stat_dtype
-
 __all__ = ["normalize", "batch_norm_train", "batch_norm_test", "layer_norm", "group_norm",
            "dropout"]
 
 
-def _sum(a: jax.Array, axes: Sequence[int], axis_name: Any = None) -> jax.Array:
-    total = jnp.sum(a, axis=tuple(axes), keepdims=True)
-    return total if axis_name is None else jax.lax.psum(total, axis_name)
+def _float_dtype(*dtypes: Any) -> Any:
+    """float32 statistics for float16/bfloat16/float32 data, float64 for float64 data."""
+    return jnp.promote_types(jnp.float32, jnp.result_type(*dtypes))
 
 
-def _count(shape: Sequence[int], axes: Sequence[int], axis_name: Any = None) -> int:
-    count = 1
-    for a in axes:
-        count *= shape[a]
-    return count if axis_name is None else count * jax.lax.psum(1, axis_name)
+def _psum(a: jax.Array, axis_name: Any) -> jax.Array:
+    return a if axis_name is None else jax.lax.psum(a, axis_name)
 
 
 def normalize(x: jax.Array, gamma: jax.Array, beta: jax.Array, stat_axes: Sequence[int],
               eps: float, axis_name: Any = None,
-              weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+              mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``y = gamma * (x - mean) / sqrt(var + eps) + beta`` with statistics over ``stat_axes``.
 
     ``gamma`` and ``beta`` are already shaped to broadcast against ``x``. The statistics are taken
-    in float32 (float64 for float64 data), the variance by two passes (no cancellation), and
-    combined over the mapped axes ``axis_name`` when given. With 0/1 ``weights`` (broadcastable to
-    ``x``) only the valid entries count; no valid entry gives mean 0 and variance 0.
+    in float32 (float64 for float64 data), the variance by two passes, and combined over the mapped
+    axes ``axis_name`` when given. ``mask`` (boolean, broadcastable to ``x``) selects the valid
+    entries: the others are replaced by 0 before any arithmetic (so NaN or inf there cannot leak),
+    count for nothing, and give output 0. No valid entry gives mean 0 and variance 0.
 
     Returns:
       ``(y, mean, var)``: ``y`` in ``x.dtype``; ``mean`` and ``var`` (biased) keep the reduced axes
       as size 1.
     """
-    dtype = stat_dtype(x.dtype, gamma.dtype, beta.dtype)
+    dtype = _float_dtype(x.dtype, gamma.dtype, beta.dtype)
+    axes = tuple(stat_axes)
     xs = x.astype(dtype)
-    if weights is None:
-        count = _count(x.shape, stat_axes, axis_name)
-        mean = _sum(xs, stat_axes, axis_name) / count
-        var = _sum(jnp.square(xs - mean), stat_axes, axis_name) / count
+    if mask is None:
+        valid = jnp.ones(xs.shape, bool)
     else:
-        w = jnp.broadcast_to(weights.astype(dtype), xs.shape)
-        count = jnp.maximum(_sum(w, stat_axes, axis_name), 1)
-        mean = _sum(w * xs, stat_axes, axis_name) / count
-        var = _sum(w * jnp.square(xs - mean), stat_axes, axis_name) / count
-    y = (xs - mean) / jnp.sqrt(var + eps) * gamma.astype(dtype) + beta.astype(dtype)
+        valid = jnp.broadcast_to(mask, xs.shape)
+        xs = jnp.where(valid, xs, 0)
+    count = _psum(jnp.sum(valid.astype(dtype), axes, keepdims=True), axis_name)
+    count = jnp.maximum(count, 1)
+    mean = _psum(jnp.sum(xs, axes, keepdims=True), axis_name) / count
+    centered = jnp.where(valid, xs - mean, 0)
+    var = _psum(jnp.sum(centered * centered, axes, keepdims=True), axis_name) / count
+    y = centered / jnp.sqrt(var + eps) * gamma.astype(dtype) + beta.astype(dtype)
+    y = jnp.where(valid, y, 0)
     return y.astype(x.dtype), mean, var
 
 
@@ -84,7 +86,7 @@ def batch_norm_test(x: jax.Array, gamma: jax.Array, beta: jax.Array, mean: jax.A
     """Test-mode batch norm with given (running) statistics of shape ``(D,)``."""
     axis = axis % x.ndim
     shape = _feature_shape(x.ndim, axis, x.shape[axis])
-    dtype = stat_dtype(x.dtype, gamma.dtype, mean.dtype)
+    dtype = _float_dtype(x.dtype, gamma.dtype, mean.dtype)
     xs = x.astype(dtype)
     y = ((xs - mean.reshape(shape).astype(dtype)) / jnp.sqrt(var.reshape(shape).astype(dtype) + eps)
          * gamma.reshape(shape).astype(dtype) + beta.reshape(shape).astype(dtype))
@@ -93,31 +95,28 @@ def batch_norm_test(x: jax.Array, gamma: jax.Array, beta: jax.Array, mean: jax.A
 
 def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *,
                eps: float = 1e-5) -> jax.Array:
-    """Layer norm over the last axis with per-feature ``gamma``/``beta`` of shape ``(D,)``."""
-    return normalize(x, gamma, beta, (x.ndim - 1,), eps)[0]
-
-
-def group_layout(shape: Sequence[int], groups: int, layout: str):
-    """How group norm views image data: channels split into ``(groups, C // groups)``.
-
-    Returns ``(split_shape, param_shape, stat_axes)``: the free reshape of x that separates the
-    groups, the shape per-channel parameters broadcast as against it, and the axes each group's
-    statistics reduce over (channels in the group, H, W).
-    """
-    if layout == "NCHW":
-        n, c, h, w = shape
-        return ((n, groups, c // groups, h, w), (1, groups, c // groups, 1, 1), (2, 3, 4))
-    n, h, w, c = shape
-    return (n, h, w, groups, c // groups), (1, 1, 1, groups, c // groups), (1, 2, 4)
+    """Layer norm over the trailing ``gamma.ndim`` axes; ``gamma``/``beta`` have their shape."""
+    stat_axes = tuple(range(x.ndim - gamma.ndim, x.ndim))
+    return normalize(x, gamma, beta, stat_axes, eps)[0]
 
 
 def group_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, groups: int,
                eps: float = 1e-5, layout: str = "NCHW") -> jax.Array:
-    """Group norm of (N, C, H, W) or (N, H, W, C) data, per-channel ``gamma``/``beta`` ``(C,)``."""
-    split, param_shape, stat_axes = group_layout(x.shape, groups, layout)
-    y = normalize(x.reshape(split), gamma.reshape(param_shape), beta.reshape(param_shape),
-                  stat_axes, eps)[0]
-    return y.reshape(x.shape)
+    """Group norm of channels-first (``N, C, ...``) or channels-last (``N, ..., C``) data with
+    per-channel ``gamma``/``beta`` of shape ``(C,)``: a loop over the groups, no reshape trick."""
+    channel_axis = 1 if layout.startswith("NC") else x.ndim - 1
+    channels = x.shape[channel_axis]
+    size = channels // groups
+    param_shape = _feature_shape(x.ndim, channel_axis, channels)
+    gamma, beta = gamma.reshape(param_shape), beta.reshape(param_shape)
+    pieces = []
+    for g in range(groups):
+        index = [slice(None)] * x.ndim
+        index[channel_axis] = slice(g * size, (g + 1) * size)
+        index = tuple(index)
+        stat_axes = tuple(range(1, x.ndim))
+        pieces.append(normalize(x[index], gamma[index], beta[index], stat_axes, eps)[0])
+    return jnp.concatenate(pieces, axis=channel_axis)
 
 
 def dropout(key: jax.Array, x: jax.Array, *, rate: float) -> jax.Array:

@@ -2,20 +2,30 @@
 
 - :func:`make_train_step`: one step ``(params, net_state, opt_state, batch, key) -> (params,
   net_state, opt_state, metrics)`` for any ``apply(params, state, x, *, train, key)`` (such as
-  :func:`jaxbn.nets.apply_mlp`) and any ``optax.GradientTransformation`` (sgd, momentum, rmsprop,
-  adam, schedules such as per-epoch decay all come from optax). It is pure, so ``jax.vmap`` trains
-  several stacked models at once with it.
-- :func:`fit`: epochs of minibatches drawn with explicit keys, loss per iteration, train/validation
-  accuracy per epoch in test mode, the best-validation parameters kept, a tqdm progress bar, atomic
-  checkpoints and bit-identical resumption.
+  :func:`jaxbn.nets.apply_mlp`), any loss and any ``optax.GradientTransformation``. It is pure,
+  so ``jax.vmap`` trains several stacked models at once with it.
+- :func:`fit`: the loop. Its pieces are top-level functions, each usable alone: a
+  :class:`TrainState` record (:func:`init_train_state`), the jitted epoch (:func:`make_epoch`),
+  evaluation (:func:`make_predict`, :func:`evaluate`), the best-model update
+  (:func:`record_epoch`), and checkpoints (:func:`save_train_state`/:func:`restore_train_state`
+  on :func:`save_checkpoint`/:func:`load_checkpoint`).
+
+Checkpoints never execute code on load: the arrays are stored in a ``.npz`` archive read with
+``allow_pickle=False``, the rest is JSON, and the arrays are poured back into the pytree structure
+that the resuming run builds itself. A file that is truncated, damaged, from another checkpoint
+format, or whose tree or shapes differ from the run's raises a ``ValueError`` naming the file.
+
+Shapes: ``M`` stacked models, ``N`` training examples, ``B`` batch size, ``K`` classes.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
-import pickle
 import sys
 import tempfile
+import zipfile
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -24,29 +34,40 @@ import numpy as np
 import optax
 
 from jaxbn import _checks
-from jaxbn.nets import l2_penalty, softmax_cross_entropy
+from jaxbn._losses import l2_penalty, softmax_cross_entropy
 
 ApplyFn = Callable[..., tuple[jax.Array, Any]]
-CHECKPOINT_VERSION = 1
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+CHECKPOINT_FORMAT = "jaxbn-checkpoint"
+CHECKPOINT_VERSION = 2
+_META = "__meta__.json"
+
+__all__ = ["make_train_step", "fit", "FitResult", "TrainState", "init_train_state", "make_epoch",
+           "make_predict", "evaluate", "record_epoch", "save_checkpoint", "load_checkpoint",
+           "save_train_state", "restore_train_state"]
 
 
 def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, *,
-                    reg: float = 0.0, jit: bool = True) -> Callable:
+                    reg: float = 0.0, loss_fn: LossFn = softmax_cross_entropy,
+                    jit: bool = True) -> Callable:
     """Returns ``step(params, net_state, opt_state, batch, key)``.
 
-    The loss is the mean softmax cross-entropy of ``apply_fn(params, net_state, x, train=True,
-    key=key)`` plus ``0.5 * reg * sum(W ** 2)`` over the weights. ``batch`` is ``(x, y)`` with
-    integer labels ``y``; ``metrics`` holds ``loss`` and the batch ``accuracy`` (train mode).
+    The loss is ``loss_fn(scores, y)`` on ``apply_fn(params, net_state, x, train=True, key=key)``
+    plus ``0.5 * reg * sum(W ** 2)`` over the weights. ``batch`` is ``(x, y)``; ``metrics`` holds
+    ``loss`` and the batch ``accuracy`` (train mode, ``argmax`` of the scores against ``y``).
 
     Args:
       apply_fn: the model's apply function.
       optimizer: an ``optax.GradientTransformation``.
       reg: L2 regularization strength.
+      loss_fn: ``(scores, labels) -> scalar``; the mean softmax cross-entropy by default.
       jit: return the step jitted (True) or plain, to compose with ``vmap``/``scan`` yourself.
     """
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3));"
                         f" got {type(optimizer).__name__}.")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a function (scores, labels) -> loss; got {loss_fn!r}.")
     reg = _checks.check_real("reg", reg, low=0.0)
 
     def step(params, net_state, opt_state, batch, key):
@@ -54,8 +75,7 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
 
         def objective(params):
             scores, new_state = apply_fn(params, net_state, x, train=True, key=key)
-            loss = softmax_cross_entropy(scores, y) + l2_penalty(params, reg)
-            return loss, (new_state, scores)
+            return loss_fn(scores, y) + l2_penalty(params, reg), (new_state, scores)
 
         (loss, (new_state, scores)), grads = jax.value_and_grad(objective, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -64,6 +84,22 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
         return params, new_state, opt_state, metrics
 
     return jax.jit(step) if jit else step
+
+
+class TrainState(NamedTuple):
+    """Everything :func:`fit` carries from one epoch to the next.
+
+    Every array leaf has a leading model axis ``M`` (1 for a single model).
+    """
+
+    params: Any
+    net_state: Any
+    opt_state: Any
+    best_params: Any  # parameters of the epoch with the best validation accuracy so far
+    best_net_state: Any
+    best_val_acc: jax.Array  # (M,), -1 before the first epoch
+    history: dict[str, np.ndarray]  # loss (iterations, M); train_acc, val_acc (epochs, M)
+    epoch: int  # epochs completed
 
 
 class FitResult(NamedTuple):
@@ -76,6 +112,211 @@ class FitResult(NamedTuple):
     best_net_state: Any
     best_val_acc: Any
     history: dict[str, np.ndarray]  # loss (iterations,), train_acc and val_acc (epochs,)
+
+
+def init_train_state(params: Any, net_state: Any,
+                     optimizer: optax.GradientTransformation) -> TrainState:
+    """The state before the first epoch, for stacked ``params``/``net_state`` (leading axis M)."""
+    num_models = jax.tree.leaves(params)[0].shape[0]
+    history = {"loss": np.zeros((0, num_models), np.float32),
+               "train_acc": np.zeros((0, num_models)), "val_acc": np.zeros((0, num_models))}
+    return TrainState(params, net_state, jax.vmap(optimizer.init)(params), params, net_state,
+                      jnp.full(num_models, -1.0), history, 0)
+
+
+def make_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, *, num_examples: int,
+               batch_size: int, reg: float = 0.0, loss_fn: LossFn = softmax_cross_entropy):
+    """Returns the jitted ``epoch(params, net_state, opt_state, x, y, epoch_key)`` for stacked
+    models, ending ``(params, net_state, opt_state, losses)`` with ``losses`` ``(steps, M)``.
+
+    The permutation comes from ``fold_in(epoch_key, 0)`` and step ``i``'s dropout key is
+    ``fold_in(epoch_key, i + 1)``; ``N // B`` steps (the remainder is dropped, so every step has
+    one shape) run as one ``lax.scan`` of the step vmapped over the models.
+    """
+    step = make_train_step(apply_fn, optimizer, reg=reg, loss_fn=loss_fn, jit=False)
+    batched_step = jax.vmap(step, in_axes=(0, 0, 0, None, None))
+    num_batches = num_examples // batch_size
+
+    @jax.jit
+    def epoch(params, net_state, opt_state, x, y, epoch_key):
+        order = jax.random.permutation(jax.random.fold_in(epoch_key, 0), num_examples)
+        order = order[:num_batches * batch_size].reshape(num_batches, batch_size)
+
+        def body(carry, inputs):
+            idx, i = inputs
+            carry = batched_step(*carry, (x[idx], y[idx]), jax.random.fold_in(epoch_key, i + 1))
+            return carry[:3], carry[3]["loss"]
+
+        carry, losses = jax.lax.scan(body, (params, net_state, opt_state),
+                                     (order, jnp.arange(num_batches)))
+        return (*carry, losses)
+
+    return epoch
+
+
+def make_predict(apply_fn: ApplyFn) -> Callable:
+    """Returns jitted ``predict(params, net_state, x) -> (M, N)`` class indices in test mode."""
+    return jax.jit(lambda params, net_state, x: jax.vmap(
+        lambda p, s: jnp.argmax(apply_fn(p, s, x, train=False)[0], -1))(params, net_state))
+
+
+def evaluate(predict: Callable, params: Any, net_state: Any, x: Any, y: Any,
+             batch_size: int = 1000) -> np.ndarray:
+    """Accuracy ``(M,)`` of stacked models on ``(x, y)``, in batches of ``batch_size``."""
+    correct = 0
+    for start in range(0, x.shape[0], batch_size):
+        pred = predict(params, net_state, x[start:start + batch_size])
+        correct = correct + np.asarray(jnp.sum(pred == y[start:start + batch_size], axis=-1))
+    return np.asarray(correct / x.shape[0], np.float64)
+
+
+def record_epoch(state: TrainState, params: Any, net_state: Any, opt_state: Any,
+                 losses: Any, train_acc: np.ndarray, val_acc: np.ndarray) -> TrainState:
+    """The state after one more epoch: histories appended, and each model's best parameters
+    replaced where its validation accuracy improved (strictly)."""
+    improved = jnp.asarray(val_acc) > state.best_val_acc
+
+    def pick(new, old):
+        return jnp.where(improved.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+
+    history = {"loss": np.concatenate([state.history["loss"], np.asarray(losses)]),
+               "train_acc": np.concatenate([state.history["train_acc"], train_acc[None]]),
+               "val_acc": np.concatenate([state.history["val_acc"], val_acc[None]])}
+    return TrainState(params, net_state, opt_state,
+                      jax.tree.map(pick, params, state.best_params),
+                      jax.tree.map(pick, net_state, state.best_net_state),
+                      jnp.where(improved, jnp.asarray(val_acc), state.best_val_acc),
+                      history, state.epoch + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: arrays in an .npz (allow_pickle=False), the rest as JSON; no pickle anywhere.
+
+
+def save_checkpoint(path: str | os.PathLike, tree: dict[str, Any],
+                    metadata: dict[str, Any] | None = None) -> None:
+    """Writes a dict of pytrees (and JSON-able ``metadata``) atomically: temporary file, fsync,
+    rename. A crash mid-write leaves the previous checkpoint at ``path`` intact."""
+    path = os.fspath(path)
+    arrays, meta = {}, {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                        "metadata": metadata or {}, "trees": {}}
+    for name, subtree in tree.items():
+        leaves, treedef = jax.tree.flatten(jax.device_get(subtree))
+        leaves = [np.asarray(leaf) for leaf in leaves]
+        meta["trees"][name] = {"treedef": str(treedef),
+                               "shapes": [[list(a.shape), a.dtype.name] for a in leaves]}
+        arrays.update({f"{name}/{i}": a for i, a in enumerate(leaves)})
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays, **{_META: np.frombuffer(json.dumps(meta).encode(), np.uint8)})
+    _write_atomically(path, buffer.getvalue())
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _read_archive(path: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Every array of the archive and its metadata; a ValueError for anything unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"checkpoint {path!r} cannot be read: it is truncated, damaged or not a "
+                         f"jaxbn checkpoint ({type(e).__name__}: {e}).") from None
+    if _META not in arrays:
+        raise ValueError(f"checkpoint {path!r} is not a jaxbn checkpoint: it has no metadata.")
+    try:
+        meta = json.loads(arrays.pop(_META).tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint {path!r} has damaged metadata ({e}).") from None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path!r} is not a jaxbn checkpoint.")
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint {path!r} was written in checkpoint format version "
+                         f"{meta.get('version')!r}; this jaxbn reads version "
+                         f"{CHECKPOINT_VERSION}. Re-create it with this version of jaxbn.")
+    return arrays, meta
+
+
+def load_checkpoint(path: str | os.PathLike, like: dict[str, Any]) -> tuple[dict[str, Any], dict]:
+    """Reads a checkpoint written by :func:`save_checkpoint` into the structure of ``like``.
+
+    ``like`` is a dict of pytrees with the structure, shapes and dtypes the caller expects (its
+    values are not used). Nothing in the file is executed.
+
+    Returns:
+      ``(tree, metadata)``.
+
+    Raises:
+      ValueError: the file is truncated or damaged, not a jaxbn checkpoint, from another
+        checkpoint format version, or holds other trees, shapes or dtypes than ``like``.
+    """
+    path = os.fspath(path)
+    arrays, meta = _read_archive(path)
+    tree = {}
+    for name, subtree in like.items():
+        saved = meta["trees"].get(name)
+        leaves, treedef = jax.tree.flatten(subtree)
+        if saved is None or saved["treedef"] != str(treedef):
+            raise ValueError(
+                f"checkpoint {path!r}: its {name} differ in structure from this run's (another "
+                f"model architecture or optimizer?).\n  checkpoint: "
+                f"{saved and saved['treedef']}\n  this run:   {treedef}")
+        restored = []
+        for i, (leaf, (shape, dtype)) in enumerate(zip(leaves, saved["shapes"])):
+            if tuple(np.shape(leaf)) != tuple(shape) or jnp.dtype(leaf.dtype).name != dtype:
+                raise ValueError(
+                    f"checkpoint {path!r}: {name} leaf {i} is {dtype}{tuple(shape)} in the file "
+                    f"but {jnp.dtype(leaf.dtype).name}{tuple(np.shape(leaf))} in this run.")
+            restored.append(arrays[f"{name}/{i}"])
+        tree[name] = jax.tree.unflatten(treedef, [jnp.asarray(a) for a in restored])
+    return tree, meta["metadata"]
+
+
+def save_train_state(path: str | os.PathLike, state: TrainState, fingerprint: dict) -> None:
+    """Checkpoints a :class:`TrainState`; ``fingerprint`` (JSON) identifies the run's settings."""
+    history = {k: v.tolist() for k, v in state.history.items()}
+    save_checkpoint(path, _arrays_of(state), {"epoch": state.epoch, "fingerprint": fingerprint,
+                                              "history": history})
+
+
+def _arrays_of(state: TrainState) -> dict[str, Any]:
+    """The array parts of a state, by field name (so a mismatch names the part that differs)."""
+    return {k: v for k, v in state._asdict().items() if k not in ("history", "epoch")}
+
+
+def restore_train_state(path: str | os.PathLike, like: TrainState,
+                        fingerprint: dict) -> TrainState:
+    """The :class:`TrainState` saved at ``path``, poured into the structure of ``like`` (the state
+    the resuming run built); a ValueError if the checkpoint comes from another run's settings."""
+    tree, meta = load_checkpoint(path, _arrays_of(like))
+    if meta.get("fingerprint") != fingerprint:
+        raise ValueError(f"checkpoint {os.fspath(path)!r} was written by a run with other data, "
+                         f"batch size, model count, key or reg: {meta.get('fingerprint')} vs "
+                         f"{fingerprint}.")
+    num_models = like.best_val_acc.shape[0]
+    history = {k: np.asarray(v, np.float64).reshape(-1, num_models)
+               for k, v in meta["history"].items()}
+    history["loss"] = history["loss"].astype(np.float32)
+    return TrainState(**tree, history=history, epoch=int(meta["epoch"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# fit
 
 
 def _check_data(name: str, data: Any) -> tuple[jax.Array, jax.Array]:
@@ -95,6 +336,31 @@ def _check_data(name: str, data: Any) -> tuple[jax.Array, jax.Array]:
     return x, y
 
 
+def _check_fit(apply_fn, params, net_state, train_data, val_data, options) -> dict:
+    """Validates fit's data and options; returns the data sets by name."""
+    sets = {"train_data": _check_data("train_data", train_data)}
+    x_train = sets["train_data"][0]
+    for name in ("epochs", "batch_size", "checkpoint_every", "eval_batch_size"):
+        _checks.check_positive_int(name, options[name])
+    if options["batch_size"] > x_train.shape[0]:
+        raise ValueError(f"batch_size must be at most the number of training examples "
+                         f"({x_train.shape[0]}); got {options['batch_size']}.")
+    scores = jax.eval_shape(lambda p, s, x: apply_fn(_unstack(p), _unstack(s), x, train=False)[0],
+                            params, net_state, x_train[:1])
+    num_classes = scores.shape[-1]
+    if val_data is not None:
+        sets["val_data"] = _check_data("val_data", val_data)
+        if sets["val_data"][0].shape[1:] != x_train.shape[1:]:
+            raise ValueError(f"val_data x must have examples of shape {tuple(x_train.shape[1:])} "
+                             f"like train_data; got {tuple(sets['val_data'][0].shape[1:])}.")
+    for name, (_, labels) in sets.items():
+        low, high = int(jnp.min(labels)), int(jnp.max(labels))
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"{name} labels must be in [0, {num_classes}) for a model with "
+                             f"{num_classes} classes; got values in [{low}, {high}].")
+    return sets
+
+
 def _stack(tree):
     return jax.tree.map(lambda a: jnp.asarray(a)[None], tree)
 
@@ -103,43 +369,13 @@ def _unstack(tree):
     return jax.tree.map(lambda a: a[0], tree)
 
 
-def _key_data(key) -> tuple[np.ndarray, bool]:
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return np.asarray(jax.random.key_data(key)), True
-    return np.asarray(key), False
+def _fingerprint(key, num_examples, batch_size, num_models, reg) -> dict:
+    key_data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    return {"n": num_examples, "batch_size": batch_size, "num_models": num_models,
+            "key": np.asarray(key_data).tolist(), "reg": float(reg)}
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
-    """Writes ``payload`` (a dict of pytrees) atomically: a temporary file, fsync, then rename.
-
-    A crash mid-write leaves the previous checkpoint at ``path`` intact.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(jax.device_get(payload), f, protocol=pickle.HIGHEST_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Reads a checkpoint written by :func:`save_checkpoint` (a file you trust: it is a pickle)."""
-    with open(path, "rb") as f:
-        payload = pickle.load(f)
-    if not isinstance(payload, dict) or payload.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"resume: {os.fspath(path)!r} is not a jaxbn checkpoint.")
-    return payload
-
-
-def _progress(enabled: bool | None, total: int, desc: str | None):
+def _progress(enabled: bool | None, total: int, desc: str | None, initial: int = 0):
     if enabled is None:
         enabled = sys.stderr.isatty()
     if not enabled:
@@ -148,7 +384,23 @@ def _progress(enabled: bool | None, total: int, desc: str | None):
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is an optional extra
         return None
-    return tqdm(total=total, desc=desc, unit="epoch", leave=False)
+    return tqdm(total=total, desc=desc, unit="epoch", leave=False, initial=initial)
+
+
+def _show(bar, state: TrainState) -> None:
+    if bar is not None:
+        bar.set_postfix(loss=f"{float(np.mean(state.history['loss'][-1])):.4f}",
+                        train_acc=f"{float(np.mean(state.history['train_acc'][-1])):.3f}",
+                        val_acc=f"{float(np.mean(state.history['val_acc'][-1])):.3f}")
+        bar.update(1)
+
+
+def _result(state: TrainState, stacked: bool) -> FitResult:
+    result = FitResult(*state[:6], state.history)
+    if stacked:
+        return result
+    return FitResult(*(_unstack(t) for t in result[:6]),
+                     {k: v[:, 0] for k, v in state.history.items()})
 
 
 def fit(apply_fn: ApplyFn, params: Any, net_state: Any, optimizer: optax.GradientTransformation,
@@ -156,14 +408,13 @@ def fit(apply_fn: ApplyFn, params: Any, net_state: Any, optimizer: optax.Gradien
         reg: float = 0.0, val_data: tuple[Any, Any] | None = None, num_train_eval: int = 1000,
         eval_batch_size: int = 1000, stacked: bool = False, progress: bool | None = None,
         desc: str | None = None, checkpoint: str | os.PathLike | None = None,
-        checkpoint_every: int = 1, resume: str | os.PathLike | None = None) -> FitResult:
+        checkpoint_every: int = 1, resume: str | os.PathLike | None = None,
+        loss_fn: LossFn = softmax_cross_entropy) -> FitResult:
     """Trains ``apply_fn``'s model with ``optimizer`` over epochs of shuffled minibatches.
 
-    Each epoch draws a permutation from ``fold_in(key, epoch)`` and visits ``N // batch_size``
-    minibatches (the remainder is dropped, so every step has one shape); the dropout key of step
-    ``i`` is ``fold_in(fold_in(key, epoch), i + 1)``. A whole epoch runs as one jitted ``lax.scan``.
-    After each epoch the model is evaluated in test mode (running statistics, no dropout) on the
-    first ``num_train_eval`` training examples and on ``val_data``, in batches.
+    Epoch ``e`` runs :func:`make_epoch`'s jitted scan with key ``fold_in(key, e)``. After each
+    epoch the model is evaluated in test mode (running statistics, no dropout) on the first
+    ``num_train_eval`` training examples and on ``val_data``, and the best model is kept.
 
     Args:
       apply_fn: ``apply(params, state, x, *, train, key) -> (scores, new_state)``.
@@ -180,138 +431,44 @@ def fit(apply_fn: ApplyFn, params: Any, net_state: Any, optimizer: optax.Gradien
         ``jax.vmap`` on the same minibatches; histories then have a trailing model axis.
       progress: tqdm bar; None (default) shows it when stderr is a terminal.
       checkpoint: path of a checkpoint written atomically every ``checkpoint_every`` epochs and
-        after the last one.
+        after the last one (no pickle: see the module docstring).
       resume: path of a checkpoint to continue from; the result is bit-identical to a run that was
         never interrupted.
+      loss_fn: ``(scores, labels) -> loss``, softmax cross-entropy by default.
 
     Returns:
       A :class:`FitResult`.
 
     Raises:
       TypeError/ValueError: malformed data, labels out of range, ``batch_size`` larger than the data
-      set, bad options, a checkpoint from another configuration.
+      set, bad options, a checkpoint that is damaged or from another run, model or optimizer.
     """
-    x_train, y_train = _check_data("train_data", train_data)
-    n = x_train.shape[0]
-    for name, value in (("epochs", epochs), ("batch_size", batch_size),
-                        ("checkpoint_every", checkpoint_every),
-                        ("eval_batch_size", eval_batch_size)):
-        _checks.check_positive_int(name, value)
-    if batch_size > n:
-        raise ValueError(f"batch_size must be at most the number of training examples ({n}); "
-                         f"got {batch_size}.")
+    options = dict(epochs=epochs, batch_size=batch_size, checkpoint_every=checkpoint_every,
+                   eval_batch_size=eval_batch_size)
     if not stacked:
         params, net_state = _stack(params), _stack(net_state)
-    num_models = jax.tree.leaves(params)[0].shape[0]
-    scores = jax.eval_shape(lambda p, s, x: apply_fn(_unstack(p), _unstack(s), x, train=False)[0],
-                            params, net_state, x_train[:1])
-    num_classes = scores.shape[-1]
-    sets = {"train_data": (x_train, y_train)}
-    if val_data is not None:
-        sets["val_data"] = _check_data("val_data", val_data)
-        if sets["val_data"][0].shape[1:] != x_train.shape[1:]:
-            raise ValueError(f"val_data x must have examples of shape {tuple(x_train.shape[1:])} "
-                             f"like train_data; got {tuple(sets['val_data'][0].shape[1:])}.")
-    for name, (_, labels) in sets.items():
-        low, high = int(jnp.min(labels)), int(jnp.max(labels))
-        if low < 0 or high >= num_classes:
-            raise ValueError(f"{name} labels must be in [0, {num_classes}) for a model with "
-                             f"{num_classes} classes; got values in [{low}, {high}].")
-
-    step = make_train_step(apply_fn, optimizer, reg=reg, jit=False)
-    batched_step = jax.vmap(step, in_axes=(0, 0, 0, None, None))
-    num_batches = n // batch_size
-
-    @jax.jit
-    def run_epoch(params, net_state, opt_state, x, y, epoch_key):
-        order = jax.random.permutation(jax.random.fold_in(epoch_key, 0), n)
-        order = order[:num_batches * batch_size].reshape(num_batches, batch_size)
-
-        def body(carry, inputs):
-            idx, i = inputs
-            carry = batched_step(*carry, (x[idx], y[idx]), jax.random.fold_in(epoch_key, i + 1))
-            return carry[:3], carry[3]
-
-        carry, metrics = jax.lax.scan(body, (params, net_state, opt_state),
-                                      (order, jnp.arange(num_batches)))
-        return (*carry, metrics["loss"])
-
-    @jax.jit
-    def predict(params, net_state, x):
-        return jax.vmap(lambda p, s: jnp.argmax(apply_fn(p, s, x, train=False)[0], -1))(
-            params, net_state)
-
-    def accuracy(params, net_state, x, y):
-        correct = np.zeros(num_models)
-        for start in range(0, x.shape[0], eval_batch_size):
-            pred = predict(params, net_state, x[start:start + eval_batch_size])
-            correct += np.asarray(jnp.sum(pred == y[start:start + eval_batch_size], axis=-1))
-        return correct / x.shape[0]
-
-    key_data, typed_key = _key_data(key)
-    fingerprint = {"n": n, "batch_size": batch_size, "num_models": num_models,
-                   "key": key_data.tolist(), "reg": float(reg)}
+    sets = _check_fit(apply_fn, params, net_state, train_data, val_data, options)
+    (x, y), n = sets["train_data"], sets["train_data"][0].shape[0]
+    evaluation = [(x[:num_train_eval], y[:num_train_eval]), sets.get("val_data")]
+    run_epoch = make_epoch(apply_fn, optimizer, num_examples=n, batch_size=batch_size, reg=reg,
+                           loss_fn=loss_fn)
+    predict = make_predict(apply_fn)
+    state = init_train_state(params, net_state, optimizer)
+    fingerprint = _fingerprint(key, n, batch_size, state.best_val_acc.shape[0], reg)
     if resume is not None:
-        saved = load_checkpoint(resume)
-        if saved["fingerprint"] != fingerprint:
-            raise ValueError(f"resume: the checkpoint {os.fspath(resume)!r} was written by a run "
-                             f"with other data, batch size, model count, key or reg: "
-                             f"{saved['fingerprint']} vs {fingerprint}.")
-        params, net_state, opt_state = saved["params"], saved["net_state"], saved["opt_state"]
-        best = saved["best"]
-        history = saved["history"]
-        start_epoch = saved["epoch"]
-        params, net_state, opt_state, best = jax.tree.map(jnp.asarray,
-                                                          (params, net_state, opt_state, best))
-    else:
-        opt_state = jax.vmap(optimizer.init)(params)
-        best = {"params": params, "net_state": net_state, "val_acc": jnp.full(num_models, -1.0)}
-        history = {"loss": [], "train_acc": [], "val_acc": []}
-        start_epoch = 0
-
-    x_eval, y_eval = x_train[:num_train_eval], y_train[:num_train_eval]
-    bar = _progress(progress, epochs, desc)
-    if bar is not None:
-        bar.update(start_epoch)
+        state = restore_train_state(resume, state, fingerprint)
+    bar = _progress(progress, epochs, desc, initial=state.epoch)
     try:
-        for epoch in range(start_epoch, epochs):
-            params, net_state, opt_state, losses = run_epoch(
-                params, net_state, opt_state, x_train, y_train, jax.random.fold_in(key, epoch))
-            train_acc = accuracy(params, net_state, x_eval, y_eval)
-            val_acc = (accuracy(params, net_state, *sets["val_data"]) if val_data is not None
-                       else train_acc)
-            history["loss"].append(np.asarray(losses))
-            history["train_acc"].append(train_acc)
-            history["val_acc"].append(val_acc)
-            improved = jnp.asarray(val_acc) > best["val_acc"]
-            pick = lambda new, old: jnp.where(improved.reshape((-1,) + (1,) * (new.ndim - 1)),
-                                              new, old)
-            best = {"params": jax.tree.map(pick, params, best["params"]),
-                    "net_state": jax.tree.map(pick, net_state, best["net_state"]),
-                    "val_acc": jnp.where(improved, jnp.asarray(val_acc), best["val_acc"])}
-            if bar is not None:
-                bar.set_postfix(loss=f"{float(np.mean(losses[-1])):.4f}",
-                                train_acc=f"{float(np.mean(train_acc)):.3f}",
-                                val_acc=f"{float(np.mean(val_acc)):.3f}")
-                bar.update(1)
-            done = epoch + 1
-            if checkpoint is not None and (done % checkpoint_every == 0 or done == epochs):
-                save_checkpoint(checkpoint, {
-                    "version": CHECKPOINT_VERSION, "epoch": done, "fingerprint": fingerprint,
-                    "key": key_data, "typed_key": typed_key, "step": done * num_batches,
-                    "params": params, "net_state": net_state, "opt_state": opt_state,
-                    "best": best, "history": history})
+        while state.epoch < epochs:
+            *trained, losses = run_epoch(*state[:3], x, y, jax.random.fold_in(key, state.epoch))
+            acc = [evaluate(predict, *trained[:2], *data, eval_batch_size)
+                   for data in evaluation if data is not None]
+            state = record_epoch(state, *trained, losses, acc[0], acc[-1])
+            _show(bar, state)
+            if checkpoint is not None and (state.epoch % checkpoint_every == 0
+                                           or state.epoch == epochs):
+                save_train_state(checkpoint, state, fingerprint)
     finally:
         if bar is not None:
             bar.close()
-
-    hist = {"loss": (np.concatenate(history["loss"]) if history["loss"]
-                     else np.zeros((0, num_models))),
-            "train_acc": np.asarray(history["train_acc"]).reshape(-1, num_models),
-            "val_acc": np.asarray(history["val_acc"]).reshape(-1, num_models)}
-    result = FitResult(params, net_state, opt_state, best["params"], best["net_state"],
-                       best["val_acc"], hist)
-    if stacked:
-        return result
-    return FitResult(*(_unstack(t) for t in result[:6]),
-                     {k: v[:, 0] for k, v in hist.items()})
+    return _result(state, stacked)

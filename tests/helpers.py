@@ -26,13 +26,17 @@ def cs231n_rel_error(x, y) -> float:
     return float(np.max(np.abs(x - y) / np.maximum(1e-8, np.abs(x) + np.abs(y))))
 
 
-def vjps(fn, args, seed: int = 123):
+def vjps(fn, args, seed: int = 123, structured: bool = False):
     """``jax.vjp`` of ``fn`` at ``args`` under a random normal cotangent; returns (out, grads).
 
-    Forward and backward run as one jitted computation (one compilation instead of many eager ones).
+    With ``structured``, ``fn`` returns ``(y, aux)``: ``y`` gets the random cotangent, ``aux`` (a
+    pytree, e.g. the running statistics) zeros. Forward and backward run as one jitted computation.
     """
     out_type = jax.eval_shape(fn, *args)
-    cot = jax.random.normal(jax.random.key(seed), out_type.shape, jnp.float64).astype(out_type.dtype)
+    y_type = out_type[0] if structured else out_type
+    cot = jax.random.normal(jax.random.key(seed), y_type.shape, jnp.float64).astype(y_type.dtype)
+    if structured:
+        cot = (cot, jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), out_type[1]))
 
     @jax.jit
     def run(args, cot):

@@ -29,7 +29,7 @@ def close(a, b, tol, what):
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
 
-def compare(layout, dtype, offset, tol, masked=False, backward="alt"):
+def compare(layout, dtype, offset, tol, masked=False, backward="alt", padding=None):
     shape = {"flat": (64, 5), "NCHW": (16, 3, 4, 4), "NHWC": (16, 4, 4, 3)}[layout]
     axis = {"flat": 1, "NCHW": 1, "NHWC": 3}[layout]
     d = shape[axis]
@@ -59,8 +59,11 @@ def compare(layout, dtype, offset, tol, masked=False, backward="alt"):
     smap = jax.shard_map(lambda x, g, b, m: call(x, g, b, m, "data"), mesh=MESH,
                          in_specs=(P("data"), P(), P(), P("data") if masked else P()),
                          out_specs=(P("data"), P()))
+    x8 = x
+    if padding is not None:  # the sharded run sees NaN/inf padding, the one-device run does not
+        x8 = jnp.where(jnp.expand_dims(mask, axis), x, padding).astype(dtype)
     with jax.set_mesh(MESH):
-        (_, (y8, s8)), g8 = jax.jit(loss(smap))(sharded(x), gamma, beta,
+        (_, (y8, s8)), g8 = jax.jit(loss(smap))(sharded(x8), gamma, beta,
                                                 sharded(mask) if masked else None)
     (_, (y1, s1)), g1 = loss(lambda x, g, b, m: call(x, g, b, m, None))(x, gamma, beta, mask)
     what = f"{layout} {jnp.dtype(dtype).name} offset {offset} masked={masked} {backward}"
@@ -79,8 +82,16 @@ def compare(layout, dtype, offset, tol, masked=False, backward="alt"):
 for layout in ("flat", "NCHW", "NHWC"):
     compare(layout, jnp.float64, 0.0, 1e-12)
     compare(layout, jnp.float64, 3.0, 1e-12, masked=True)
-compare("flat", jnp.float64, 0.0, 1e-12, backward="graph")
 compare("flat", jnp.float64, 0.0, 1e-12, backward="autodiff")
+compare("NHWC", jnp.float64, 3.0, 1e-12, masked=True, padding=jnp.nan)
+compare("flat", jnp.float64, 3.0, 1e-12, masked=True, padding=jnp.inf, backward="autodiff")
+compare("NCHW", jnp.float32, 3.0, 1e-5, masked=True, padding=1e30)
+try:  # the staged rule needs the whole batch in one place: refused, not swapped
+    compare("flat", jnp.float64, 0.0, 1e-12, backward="graph")
+except ValueError as e:
+    assert "backward='graph' is not available" in str(e), e
+else:
+    raise AssertionError("backward='graph' under axis_name ran another rule silently")
 
 # Large common offset in float32, across devices: the variance must not cancel.
 y = compare("flat", jnp.float32, 1e4, 1e-3)

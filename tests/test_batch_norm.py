@@ -258,16 +258,17 @@ def test_vmap_over_batches_equals_loop(backward):
     states = jaxbn.BatchNormState(rand(1, (3, 4)), jnp.ones((3, 4)) + rand(2, (3, 4)) ** 2)
     cot = rand(5, xs.shape)
 
-    def run(x, state):
+    def run(x, state, c):
         fn = lambda x, g: jaxbn.batch_norm(x, g, beta, state, train=True, backward=backward)
         (y, new), pullback = jax.vjp(fn, x, gamma)
-        return y, new, pullback((cot[0] * 0 + 1.0, jax.tree.map(jnp.zeros_like, new)))
+        return y, new, pullback((c, jax.tree.map(jnp.zeros_like, new)))
 
-    batched = jax.vmap(run)(xs, states)
+    batched = jax.vmap(run)(xs, states, cot)
     for i in range(3):
-        single = run(xs[i], jax.tree.map(lambda a: a[i], states))
+        single = run(xs[i], jax.tree.map(lambda a: a[i], states), cot[i])
         for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(batched)):
             np.testing.assert_allclose(b[i], a, rtol=1e-12, atol=1e-12)
+        assert np.max(np.abs(single[2][0])) > 1e-3  # a random cotangent: dx is not zero
 
 
 def test_scan_over_steps_equals_python_loop():

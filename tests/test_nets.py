@@ -114,4 +114,16 @@ def test_bad_arguments():
         nets.apply_mlp(params, state, jnp.ones((2, 4)), train="train")
     with pytest.raises(ValueError, match="too small"):
         nets.init_conv_net(jax.random.key(0), (1, 2, 2), (4, 4))
-    assert dataclasses.is_dataclass(state)
+    with pytest.raises(ValueError, match=r"params must hold W1, W2"):
+        nets.apply_mlp({}, state, jnp.ones((2, 4)), train=False)
+
+
+def test_apply_is_pure_and_changes_nothing_it_is_given():
+    params, state = nets.init_conv_net(jax.random.key(0), (1, 8, 8), (4,), (6,), 3,
+                                       normalization="batchnorm")
+    before = jax.tree.map(np.array, (params, state))
+    x = rand(0, (5, 1, 8, 8), jnp.float32)
+    _, new = nets.apply_conv_net(params, state, x, train=True)
+    assert jax.tree.all(jax.tree.map(np.array_equal, before, (params, state)))
+    assert len(new.batch_norm) == 2 and not np.allclose(new.batch_norm[0].mean, 0)
+    assert dataclasses.replace(state, batch_norm=new.batch_norm) == new

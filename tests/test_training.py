@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 
@@ -79,33 +80,173 @@ def test_resume_is_bit_identical(tmp_path, interrupt_after=2):
         np.testing.assert_array_equal(full.history[k], resumed.history[k])
 
 
-def test_checkpoint_holds_everything_and_interrupted_write_keeps_the_previous(tmp_path,
-                                                                              monkeypatch):
+def _checkpointed_run(tmp_path, epochs=1, name="run.ckpt", **kw):
     x, y = _data(40)
     params, state = _model("batchnorm")
-    path = tmp_path / "ckpt.pkl"
-    training.fit(nets.apply_mlp, params, state, optax.adam(1e-3), (x, y), key=jax.random.key(0),
-                 epochs=1, batch_size=10, checkpoint=path, progress=False)
-    saved = training.load_checkpoint(path)
-    assert {"params", "net_state", "opt_state", "step", "key", "history", "epoch"} <= set(saved)
-    assert saved["epoch"] == 1 and saved["step"] == 4
+    path = tmp_path / name
+    kwargs = dict(key=jax.random.key(0), epochs=epochs, batch_size=10, checkpoint=path,
+                  progress=False)
+    training.fit(nets.apply_mlp, params, state, optax.adam(1e-3), (x, y), **{**kwargs, **kw})
+    return path, (x, y), kwargs
+
+
+def _resume(path, data, kwargs, model=None, optimizer=None):
+    params, state = model or _model("batchnorm")
+    return training.fit(nets.apply_mlp, params, state, optimizer or optax.adam(1e-3), data,
+                        **{**kwargs, "epochs": 2, "checkpoint": None, "resume": path})
+
+
+def test_checkpoint_holds_everything_and_interrupted_write_keeps_the_previous(tmp_path,
+                                                                              monkeypatch):
+    path, data, kwargs = _checkpointed_run(tmp_path)
+    params, state = _model("batchnorm")
+    like = training.init_train_state(training._stack(params), training._stack(state),
+                                     optax.adam(1e-3))
+    saved = training.restore_train_state(path, like, training._fingerprint(
+        jax.random.key(0), 40, 10, 1, 0.0))
+    assert saved.epoch == 1 and saved.history["loss"].shape == (4, 1)
+    assert int(saved.opt_state[0].count[0]) == 4  # adam took 4 steps
     before = path.read_bytes()
 
-    real_dump = pickle.dump
+    def crash_midway(fd):
+        raise KeyboardInterrupt  # the bytes reached the temporary file, then the process died
 
-    def crash_midway(obj, f, protocol=None):
-        f.write(b"partial bytes of a checkpoint")  # some bytes reach the temporary file...
-        raise KeyboardInterrupt  # ...then the process is interrupted
-
-    monkeypatch.setattr(pickle, "dump", crash_midway)
+    monkeypatch.setattr(os, "fsync", crash_midway)
     with pytest.raises(KeyboardInterrupt):
-        training.fit(nets.apply_mlp, params, state, optax.adam(1e-3), (x, y),
-                     key=jax.random.key(0), epochs=2, batch_size=10, checkpoint=path,
-                     progress=False)
-    monkeypatch.setattr(pickle, "dump", real_dump)
+        training.fit(nets.apply_mlp, params, state, optax.adam(1e-3), data,
+                     **{**kwargs, "epochs": 2})
+    monkeypatch.undo()
     assert path.read_bytes() == before
-    assert training.load_checkpoint(path)["epoch"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pkl"]  # no temporary left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["run.ckpt"]  # no temporary left behind
+
+
+def test_checkpoint_arrays_come_back_into_the_callers_tree(tmp_path):
+    tree = {"w": {"a": np.arange(6.0).reshape(2, 3), "b": np.int32(7)}, "s": (np.ones(2),)}
+    training.save_checkpoint(tmp_path / "c", tree, {"note": "hi"})
+    back, meta = training.load_checkpoint(tmp_path / "c", tree)
+    assert meta == {"note": "hi"} and jax.tree.structure(back) == jax.tree.structure(tree)
+    assert _equal_trees(back, tree)
+    with pytest.raises(ValueError, match=r"w leaf 0 is float64\(2, 3\) in the file but "
+                                         r"float64\(3, 2\) in this run"):
+        training.load_checkpoint(tmp_path / "c", {**tree, "w": {"a": np.ones((3, 2)),
+                                                                "b": np.int32(0)}})
+
+
+def _damage(kind, path):
+    data = path.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    elif kind == "corrupted":  # bytes flipped inside a stored array: the zip CRC catches it
+        middle = len(data) // 3
+        path.write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 64])
+                         + data[middle + 64:])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "other-version":
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        meta = json.loads(arrays["__meta__.json"].tobytes())
+        meta["version"] = 1
+        arrays["__meta__.json"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("truncated", "cannot be read: it is truncated, damaged"),
+    ("corrupted", "cannot be read|damaged"),
+    ("empty", "cannot be read"),
+    ("other-version", "format version 1; this jaxbn reads version 2"),
+])
+def test_damaged_checkpoint_gives_a_clear_error_naming_the_file(tmp_path, kind, match):
+    path, data, kwargs = _checkpointed_run(tmp_path)
+    _damage(kind, path)
+    with pytest.raises(ValueError, match=match) as info:
+        _resume(path, data, kwargs)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("change", ["architecture", "optimizer", "settings"])
+def test_resume_with_another_model_optimizer_or_settings_is_refused(tmp_path, change):
+    path, data, kwargs = _checkpointed_run(tmp_path)
+    if change == "architecture":  # [50] hidden units, no normalization
+        model = nets.init_mlp(jax.random.key(0), 20, [50], 10)
+        with pytest.raises(ValueError, match="its params differ in structure"):
+            _resume(path, data, kwargs, model=model)
+    elif change == "optimizer":
+        with pytest.raises(ValueError, match="its opt_state differ in structure"):
+            _resume(path, data, kwargs, optimizer=optax.sgd(1e-3))
+    else:
+        with pytest.raises(ValueError, match="other data, batch size"):
+            _resume(path, data, {**kwargs, "batch_size": 20})
+
+
+class _RunsCode:
+    """Unpickling this object calls ``open(sentinel, "w")``: proof that code would run."""
+
+    def __init__(self, sentinel):
+        self.sentinel = str(sentinel)
+
+    def __reduce__(self):
+        return (open, (self.sentinel, "w"))
+
+
+@pytest.mark.parametrize("container", ["pickle", "npz-object-array"])
+def test_loading_a_file_crafted_to_run_code_does_not_run_it(tmp_path, container):
+    path, data, kwargs = _checkpointed_run(tmp_path)
+    sentinel = tmp_path / "code-ran"
+    if container == "pickle":
+        path.write_bytes(pickle.dumps({"version": 2, "params": _RunsCode(sentinel)}))
+    else:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        arrays["params/0"] = np.array([_RunsCode(sentinel)], dtype=object)
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+    with pytest.raises(ValueError, match="cannot be read"):
+        _resume(path, data, kwargs)
+    assert not sentinel.exists()
+    if container == "pickle":  # the crafted file does run code when unpickled: the test is real
+        pickle.loads(path.read_bytes())
+        assert sentinel.exists()
+
+
+def test_pieces_of_fit_work_alone():
+    x, y = _data(30)
+    params, state = _model("batchnorm")
+    stacked = training.init_train_state(training._stack(params), training._stack(state),
+                                        optax.sgd(0.1))
+    epoch = training.make_epoch(nets.apply_mlp, optax.sgd(0.1), num_examples=30, batch_size=10)
+    *trained, losses = epoch(*stacked[:3], x, y, jax.random.key(0))
+    assert losses.shape == (3, 1) and np.all(np.isfinite(losses))
+    predict = training.make_predict(nets.apply_mlp)
+    acc = training.evaluate(predict, *trained[:2], x, y, batch_size=7)
+    pred = jnp.argmax(nets.apply_mlp(training._unstack(trained[0]),
+                                     training._unstack(trained[1]), x, train=False)[0], -1)
+    assert acc.shape == (1,) and acc[0] == pytest.approx(float(jnp.mean(pred == y)))
+    better = training.record_epoch(stacked, *trained, losses, acc, np.array([0.5]))
+    worse = training.record_epoch(better, *stacked[:3], losses, acc, np.array([0.25]))
+    assert worse.epoch == 2 and worse.history["val_acc"].tolist() == [[0.5], [0.25]]
+    assert float(worse.best_val_acc[0]) == 0.5
+    assert _equal_trees(worse.best_params, trained[0])  # the worse epoch did not replace it
+    assert _equal_trees(worse.params, stacked.params)
+
+
+def test_make_train_step_takes_a_loss_function():
+    x, y = _data(20)
+    params, state = _model()
+    calls = []
+
+    def squared_hinge(scores, labels):
+        calls.append(scores.shape)
+        margins = scores - jnp.take_along_axis(scores, labels[:, None], -1) + 1.0
+        return jnp.mean(jnp.sum(jnp.maximum(margins, 0.0) ** 2, -1))
+
+    step = training.make_train_step(nets.apply_mlp, optax.sgd(1e-2), loss_fn=squared_hinge)
+    _, _, _, metrics = step(params, state, optax.sgd(1e-2).init(params), (x, y), None)
+    scores = nets.apply_mlp(params, state, x, train=True)[0]
+    assert calls == [(20, 10)]
+    assert float(metrics["loss"]) == pytest.approx(float(squared_hinge(scores, y)), rel=1e-6)
 
 
 def test_vmap_over_three_stacked_models_equals_three_runs():
@@ -165,14 +306,18 @@ def test_bad_input():
         fit((x, y), val_data=(x[:, :5], y))
     with pytest.raises(TypeError, match="optimizer"):
         training.make_train_step(nets.apply_mlp, "adam")
-    with pytest.raises(ValueError, match="not a jaxbn checkpoint"):
-        path = os.path.join(os.path.dirname(__file__), "__bogus.pkl")
-        try:
-            with open(path, "wb") as f:
-                pickle.dump({"x": 1}, f)
-            fit((x, y), resume=path)
-        finally:
-            os.remove(path)
+    with pytest.raises(TypeError, match="loss_fn"):
+        training.make_train_step(nets.apply_mlp, optax.sgd(1.0), loss_fn="hinge")
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
+    x, y = _data(20)
+    params, state = _model()
+    path = tmp_path / "bogus.npz"
+    np.savez(path, x=np.ones(3))
+    with pytest.raises(ValueError, match="is not a jaxbn checkpoint: it has no metadata"):
+        training.fit(nets.apply_mlp, params, state, optax.adam(1e-3), (x, y),
+                     key=jax.random.key(0), epochs=1, batch_size=10, progress=False, resume=path)
 
 
 def test_progress_bar_on_request_and_off_by_flag(capsys):

@@ -1,0 +1,133 @@
+"""The layout seam: how every normalization sees its input.
+
+Each normalization is "statistics over some axes of a view of x, parameters along others". Which
+axes, and which free reshape of x gives the view, is decided here and nowhere else: the public
+functions, the cs231n layer, the benchmark and the tests all ask :func:`layout`.
+
+Shape legend: ``N`` batch, ``D`` features, ``C`` channels, ``G`` groups, ``K`` virtual batch size.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+NORMS = ("batch", "layer", "group")
+# Image layouts: channels-first ("NC...") or channels-last ("N...C"), one letter per axis.
+IMAGE_LAYOUTS = ("NCHW", "NHWC", "NCW", "NWC", "NCDHW", "NDHWC")
+
+
+class Layout(NamedTuple):
+    """How a normalization views ``x``: the answer of :func:`layout`."""
+
+    shape: tuple[int, ...]  # x's shape
+    view: tuple[int, ...]  # x.reshape(view) is free (no copy): the shape the core works on
+    stat_axes: tuple[int, ...]  # axes of the view the statistics reduce over
+    param_view: tuple[int, ...]  # gamma.reshape(param_view) broadcasts against the view
+    param_shape: tuple[int, ...]  # the shape of gamma, beta and the running statistics
+    feature_axis: int | None  # axis of x the parameters vary along (None: several, layer norm)
+    group_axes: tuple[int, ...] = ()  # axes of the view holding virtual batches (averaged for
+    #                                   the running statistics)
+    hint: str = ""  # what to try when a parameter has the wrong shape
+
+    @property
+    def count(self) -> int:
+        """Values per statistic (on this device)."""
+        return int(np.prod([self.view[a] for a in self.stat_axes], dtype=np.int64))
+
+    def param_error(self, name: str, got: tuple[int, ...]) -> ValueError:
+        what = "one value per feature" if len(self.param_shape) == 1 else "x's trailing shape"
+        return ValueError(f"{name} must have shape {self.param_shape}, {what}; got shape "
+                          f"{tuple(got)}.{self.hint}")
+
+    def mask_view(self, mask_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The view a mask of x's shape without the feature axis takes, or None if it cannot."""
+        if self.feature_axis is None:
+            expected = self.shape[:len(self.shape) - len(self.param_shape)]
+        else:
+            expected = tuple(n for a, n in enumerate(self.shape) if a != self.feature_axis)
+        if len(mask_shape) != len(expected) or any(m not in (1, n) for m, n in
+                                                   zip(mask_shape, expected)):
+            return None
+        full = list(mask_shape)
+        if self.feature_axis is None:
+            full += [1] * len(self.param_shape)
+        else:
+            full.insert(self.feature_axis, 1)
+        return tuple(full)
+
+
+def channel_axis(image_layout: str, ndim: int) -> int:
+    """Axis of the channels in an image layout: 1 channels-first, the last channels-last."""
+    return 1 if image_layout.startswith("NC") else ndim - 1
+
+
+def layout(shape: tuple[int, ...], norm: str, *, axis: int = -1, image_layout: str | None = None,
+           groups: int = 1, virtual_batch_size: int | None = None, num_axes: int = 1) -> Layout:
+    """The view, statistics axes and parameter shape of a normalization of an ``x`` of ``shape``.
+
+    - ``"batch"``: parameters along the feature axis (``axis``, or the channel axis of
+      ``image_layout``), statistics over every other axis. ``virtual_batch_size=K`` splits the
+      batch axis into ``(N / K, K)`` and keeps one set of statistics per virtual batch.
+    - ``"layer"``: parameters and statistics over the last ``num_axes`` axes.
+    - ``"group"``: parameters along the channel axis of ``image_layout``; the channel axis split
+      into ``(G, C / G)`` and statistics over the channels of a group and every non-batch axis.
+
+    Arguments are trusted to be checked (``axis`` normalized, ``image_layout`` matching the rank,
+    ``groups``/``virtual_batch_size`` dividing their axis); see :func:`check_image_layout`.
+    """
+    shape = tuple(int(n) for n in shape)
+    ndim = len(shape)
+    hint = ""
+    if image_layout is not None:
+        axis = channel_axis(image_layout, ndim)
+        hint = _layout_hint(shape, image_layout)
+    if norm == "layer":
+        axes = tuple(range(ndim - num_axes, ndim))
+        param_view = (1,) * (ndim - num_axes) + shape[ndim - num_axes:]
+        return Layout(shape, shape, axes, param_view, shape[ndim - num_axes:], None, hint=hint)
+    param_view = tuple(n if a == axis else 1 for a, n in enumerate(shape))
+    if norm == "batch":
+        if virtual_batch_size is None or virtual_batch_size == shape[0]:
+            axes = tuple(a for a in range(ndim) if a != axis)
+            return Layout(shape, shape, axes, param_view, (shape[axis],), axis, hint=hint)
+        # (N, ...) -> (N / K, K, ...): axis 0 indexes the virtual batches.
+        view = (shape[0] // virtual_batch_size, virtual_batch_size) + shape[1:]
+        axes = tuple(a for a in range(1, ndim + 1) if a != axis + 1)
+        return Layout(shape, view, axes, (1,) + param_view, (shape[axis],), axis, (0,), hint)
+    # Group norm: (..., C, ...) -> (..., G, C / G, ...), a free reshape.
+    view = shape[:axis] + (groups, shape[axis] // groups) + shape[axis + 1:]
+    param_view = (1,) * axis + (groups, shape[axis] // groups) + (1,) * (ndim - axis - 1)
+    axes = tuple(a for a in range(1, ndim + 1) if a != axis)
+    return Layout(shape, view, axes, param_view, (shape[axis],), axis, hint=hint)
+
+
+def _layout_hint(shape: tuple[int, ...], image_layout: str) -> str:
+    """Names the layout in use, its channel axis, and the other layout of the same rank."""
+    axis = channel_axis(image_layout, len(shape))
+    other = _other_layout(image_layout)
+    spatial = ", ".join(image_layout[1:-1] if image_layout.endswith("C") else image_layout[2:])
+    other_shape = f"(N, {spatial}, C)" if other.endswith("C") else f"(N, C, {spatial})"
+    return (f" With layout={image_layout!r} the channel axis is {axis} (size {shape[axis]}); "
+            f"for {other_shape} data pass layout={other!r}.")
+
+
+def _other_layout(image_layout: str) -> str:
+    if image_layout.startswith("NC"):
+        return "N" + image_layout[2:] + "C"
+    return "NC" + image_layout[1:-1]
+
+
+def check_image_layout(name: str, image_layout: Any, shape: tuple[int, ...],
+                       allowed: tuple[str, ...] = IMAGE_LAYOUTS) -> None:
+    """``image_layout`` must be a known layout with one letter per axis of ``x``."""
+    if not isinstance(image_layout, str) or image_layout not in allowed:
+        choices = ", ".join(repr(c) for c in allowed)
+        raise ValueError(f"{name} must be one of {choices}; got {image_layout!r}.")
+    if len(image_layout) != len(shape):
+        same_rank = [c for c in allowed if len(c) == len(shape)]
+        fix = (f" For rank-{len(shape)} data pass layout=" + " or ".join(map(repr, same_rank))
+               + "." if same_rank else "")
+        raise ValueError(f"x must have {len(image_layout)} dimensions for layout "
+                         f"{image_layout!r}; got shape {tuple(shape)}.{fix}")

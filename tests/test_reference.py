@@ -1,0 +1,82 @@
+"""The oracle's independence: jaxbn.reference imports nothing from the implementation, and the
+implementation calls it only where it *is* the computation (backward="autodiff")."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxbn
+from jaxbn import reference
+from helpers import rand
+
+PACKAGE = pathlib.Path(jaxbn.__file__).parent
+
+
+def _imports(path: pathlib.Path):
+    """(module imported, enclosing function name or None) for every import in a file."""
+    tree = ast.parse(path.read_text())
+    found = []
+
+    def visit(node, function):
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) \
+                else function
+            if isinstance(child, ast.Import):
+                found.extend((alias.name, function) for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                module = child.module or ""
+                found.extend((f"{module}.{alias.name}" if module else alias.name, function)
+                             for alias in child.names)
+            visit(child, inner)
+
+    visit(tree, None)
+    return found
+
+
+def test_the_oracle_imports_nothing_from_jaxbn():
+    imported = [name for name, _ in _imports(PACKAGE / "reference.py")]
+    assert imported, "the parse found no import at all: the check itself is broken"
+    assert not [name for name in imported if name.split(".")[0] == "jaxbn"], imported
+
+
+def test_the_implementation_calls_the_oracle_only_for_autodiff():
+    users = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "reference.py":
+            continue
+        for name, function in _imports(path):
+            if name in ("jaxbn.reference", "jaxbn.reference.*") or name.startswith(
+                    "jaxbn.reference."):
+                users.append((path.name, function))
+    assert users == [("_normalize.py", "normalize")], users
+
+
+def test_oracle_group_norm_is_a_loop_over_groups_that_matches_the_definition():
+    """The oracle's own group norm against numpy, so an oracle bug cannot hide either."""
+    x = rand(0, (2, 6, 3, 2))
+    gamma, beta = rand(1, (6,)), rand(2, (6,))
+    y = np.asarray(reference.group_norm(x, gamma, beta, groups=3))
+    xn = np.asarray(x).reshape(2, 3, 2, 3, 2)
+    expected = (xn - xn.mean((2, 3, 4), keepdims=True)) / np.sqrt(
+        xn.var((2, 3, 4), keepdims=True) + 1e-5)
+    expected = expected.reshape(x.shape) * np.asarray(gamma)[:, None, None] + \
+        np.asarray(beta)[:, None, None]
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_oracle_mask_selects_so_padding_cannot_leak():
+    x = jnp.array([[1.0], [jnp.nan], [3.0], [jnp.inf]])
+    mask = jnp.array([[True], [False], [True], [False]])
+    y, mean, var = reference.normalize(x, jnp.ones((1, 1)), jnp.zeros((1, 1)), (0,), 0.0,
+                                       mask=mask)
+    np.testing.assert_allclose(mean, [[2.0]])
+    np.testing.assert_allclose(var, [[1.0]])
+    np.testing.assert_allclose(y, [[-1.0], [0.0], [1.0], [0.0]])
+    grad = jax.grad(lambda x: jnp.sum(reference.normalize(
+        x, jnp.ones((1, 1)), jnp.zeros((1, 1)), (0,), 1e-5, mask=mask)[0] * jnp.arange(4.0)[:, None]))(x)
+    assert np.all(np.isfinite(grad)) and grad[1, 0] == 0 and grad[3, 0] == 0
