@@ -80,13 +80,12 @@ def main(argv=None) -> int:
     curves = {}
     for name, step in (("1 device", single), (f"{NUM_DEVICES} devices", sharded)):
         p, bn, opt_state, losses = params, state.batch_norm, optimizer.init(params), []
-        with jax.set_mesh(mesh):
-            for idx in batches:
-                xb, yb = jnp.asarray(x[idx]), jnp.asarray(y[idx])
-                if step is sharded:
-                    xb, yb = jax.device_put(xb, shard), jax.device_put(yb, shard)
-                p, bn, opt_state, loss = step(p, bn, opt_state, xb, yb)
-                losses.append(float(loss))
+        for idx in batches:
+            xb, yb = jnp.asarray(x[idx]), jnp.asarray(y[idx])
+            if step is sharded:
+                xb, yb = jax.device_put(xb, shard), jax.device_put(yb, shard)
+            p, bn, opt_state, loss = step(p, bn, opt_state, xb, yb)
+            losses.append(float(loss))
         curves[name] = np.array(losses)
     a, b = curves.values()
     diff = float(np.max(np.abs(a - b)))

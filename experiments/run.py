@@ -92,7 +92,7 @@ def write_report(args, sections) -> None:
              f"- Data: {args.data}; seed {args.seed}; {'quick (reduced) settings' if args.quick else 'full settings'}",
              "- Every finding below is computed from the numbers in the study's JSON file.", ""]
     for name, title, res, table, findings in sections:
-        config = ", ".join(f"{k}={v}" for k, v in res["config"].items()
+        config = ", ".join(f"{k}={report.format_value(v)}" for k, v in res["config"].items()
                            if k not in ("weight_scales",))
         lines += [f"## {title} (`{name}`)", "", f"Settings: {config}.", "",
                   f"![{name}]({name}.png)", "", report.markdown_table(table), "", "Findings:", ""]

@@ -42,6 +42,10 @@ def batch_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, state: BatchNorm
                mask: jax.Array | None = None) -> tuple[jax.Array, BatchNormState]:
     r"""Batch normalization over every axis of ``x`` but the feature axis.
 
+    ``momentum`` weights the *old* running value: ``new = momentum * old + (1 - momentum) *
+    batch``, default 0.9 (the paper's and cs231n's convention). PyTorch's momentum=0.1 is
+    momentum=0.9 here; ``jaxbn.torch_compat.momentum_from_torch`` converts.
+
     .. math::
 
         \hat x = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}, \qquad y = \gamma \hat x + \beta
@@ -109,12 +113,13 @@ def spatial_batch_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, state: B
                        mask: jax.Array | None = None) -> tuple[jax.Array, BatchNormState]:
     """Batch normalization of image data per channel, over batch, height and width.
 
+    The default layout is cs231n's and PyTorch's ``"NCHW"``; Flax and Equinox data is usually
+    ``"NHWC"``: pass ``layout="NHWC"``. A wrong layout is caught by the parameter shapes (the
+    error names the fix) unless C == H: then nothing can tell the two apart, so always pass
+    ``layout`` explicitly for such data.
+
     The same computation as :func:`batch_norm` with the channel axis as the feature axis; the
     statistics reduce over N, H and W in place (no transpose or reshape of ``x``).
-
-    The default layout is cs231n's and PyTorch's ``"NCHW"``; Flax and Equinox data is usually
-    ``"NHWC"``. A wrong layout is caught by the parameter shapes (the error names the fix) unless
-    ``C == H``: then nothing can tell the two apart, so pass ``layout`` explicitly.
 
     Shapes: ``N`` batch, ``C`` channels, ``H, W`` height and width; ``x`` is ``(N, C, H, W)`` for
     ``layout="NCHW"`` or ``(N, H, W, C)`` for ``"NHWC"`` (``"NCW"``/``"NWC"`` and

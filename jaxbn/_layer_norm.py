@@ -68,6 +68,10 @@ def group_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, groups: int,
                eps: float = 1e-5, layout: str = "NCHW", backward: str = "alt") -> jax.Array:
     r"""Group normalization of image data: each example's channels split into ``groups``.
 
+    The default layout is ``"NCHW"``; for Flax/Equinox-style ``(N, H, W, C)`` data pass
+    ``layout="NHWC"``. A wrong layout is caught by the parameter shapes (the error names the fix)
+    unless C == H, which nothing can tell apart: pass ``layout`` explicitly for such data.
+
     The ``C`` channels of each example are split into ``groups`` contiguous groups of ``C / G``
     channels; each (example, group) is normalized over its ``C/G x H x W`` values, then scaled and
     shifted per channel. ``groups=1`` is layer norm over (C, H, W); ``groups=C`` is instance norm.

@@ -73,13 +73,36 @@ def normalize(x: jax.Array, gamma: jax.Array, beta: jax.Array, config: Config,
                                    mask)
     gamma, beta = vary_like(gamma, x), vary_like(beta, x)
     if config.axis_name is None and mask is None:
-        return _normalize_core(x, gamma, beta, config)
+        return _reverse_mode_only(_normalize_core, x, gamma, beta, config)
     if config.backward not in SPLIT_BACKWARDS:
         raise ValueError(
             f"backward={config.backward!r} is not available with mask= or axis_name=: that path "
             f"joins the statistics between two local hand-written rules and supports backward="
             + " or ".join(repr(b) for b in SPLIT_BACKWARDS) + ".")
-    return _split_normalize(x, gamma, beta, config, mask)
+    return _reverse_mode_only(_split_normalize, x, gamma, beta, config, mask)
+
+
+_FORWARD_MODE_ERROR = (
+    "jax.jvp / jax.jacfwd cannot run through jaxbn's hand-written backward rules (backward='alt' "
+    "and 'graph' are custom_vjp rules: reverse mode only). Pass backward='autodiff' for "
+    "forward-mode differentiation (it differentiates the naive forward); reverse mode (jax.grad, "
+    "jax.vjp, jax.hessian) works with every rule.")
+
+
+def _reverse_mode_only(fn, *args):
+    """Calls ``fn`` (a ``custom_vjp``); under forward-mode autodiff, raises an error that says how
+    to get forward mode instead of JAX's generic one (which ``jit`` defers to lowering)."""
+    # With direct linearization (JAX's default), reverse mode traces with LinearizeTracers and
+    # only jax.jvp puts a JVPTracer on top; under jit JAX's own error would come too late.
+    direct = getattr(jax.config, "jax_use_direct_linearize", False)
+    if direct and any(type(a).__name__ == "JVPTracer" for a in args[:3]):
+        raise TypeError(_FORWARD_MODE_ERROR)
+    try:
+        return fn(*args)
+    except TypeError as e:
+        if "forward-mode autodiff (jvp)" not in str(e):
+            raise
+        raise TypeError(_FORWARD_MODE_ERROR) from None
 
 
 def vary_like(a: jax.Array, x: jax.Array) -> jax.Array:
@@ -90,7 +113,11 @@ def vary_like(a: jax.Array, x: jax.Array) -> jax.Array:
     Outside shard_map nothing varies and ``a`` is returned as it is.
     """
     missing = tuple(sorted(_varying_axes(x) - _varying_axes(a)))
-    return jax.lax.pcast(a, missing, to="varying") if missing else a
+    if not missing:
+        return a
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(a, missing, to="varying")
+    return jax.lax.pvary(a, missing)  # JAX < 0.8 spells the same cast pvary
 
 
 def _varying_axes(a: jax.Array) -> frozenset:

@@ -62,9 +62,8 @@ def compare(layout, dtype, offset, tol, masked=False, backward="alt", padding=No
     x8 = x
     if padding is not None:  # the sharded run sees NaN/inf padding, the one-device run does not
         x8 = jnp.where(jnp.expand_dims(mask, axis), x, padding).astype(dtype)
-    with jax.set_mesh(MESH):
-        (_, (y8, s8)), g8 = jax.jit(loss(smap))(sharded(x8), gamma, beta,
-                                                sharded(mask) if masked else None)
+    (_, (y8, s8)), g8 = jax.jit(loss(smap))(sharded(x8), gamma, beta,
+                                            sharded(mask) if masked else None)
     (_, (y1, s1)), g1 = loss(lambda x, g, b, m: call(x, g, b, m, None))(x, gamma, beta, mask)
     what = f"{layout} {jnp.dtype(dtype).name} offset {offset} masked={masked} {backward}"
     close(y8, y1, tol, what + " y")
@@ -107,9 +106,8 @@ state = jaxbn.init_batch_norm_state(4, jnp.float64)
 smap = jax.shard_map(lambda x, g, b, m: jaxbn.batch_norm(x, g, b, state, train=True,
                                                          axis_name="data", mask=m)[0],
                      mesh=MESH, in_specs=(P("data"), P(), P(), P("data")), out_specs=P("data"))
-with jax.set_mesh(MESH):
-    grads = jax.jit(jax.grad(lambda x, g, b: jnp.sum(smap(x, g, b, sharded(mask)) * dy),
-                             argnums=(0, 1, 2)))(sharded(x), g, b)
+grads = jax.jit(jax.grad(lambda x, g, b: jnp.sum(smap(x, g, b, sharded(mask)) * dy),
+                         argnums=(0, 1, 2)))(sharded(x), g, b)
 naive = lambda x, g, b: jnp.sum(reference.normalize(x, g[None], b[None], (0,), 1e-5, None,
                                                     mask[:, None])[0] * dy)
 for a, r in zip(grads, jax.grad(naive, argnums=(0, 1, 2))(x, g, b)):
@@ -141,8 +139,7 @@ close(new_p.var[0], new_1.var, 1e-12, "pmap running var")
 bad = jax.shard_map(lambda x: jaxbn.batch_norm(x, g, b, state, train=True, axis_name="model")[0],
                     mesh=MESH, in_specs=P("data"), out_specs=P("data"))
 try:
-    with jax.set_mesh(MESH):
-        jax.jit(bad)(sharded(x))
+    jax.jit(bad)(sharded(x))
 except ValueError as e:
     assert "axis_name 'model' is not bound" in str(e), e
 else:

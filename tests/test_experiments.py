@@ -118,3 +118,37 @@ def test_benchmark_quick_writes_a_table_and_json(tmp_path, capsys):
     for row in saved["dropout"]:
         elements = row["x_bytes"] / 4
         assert row["residual_bytes"]["jaxbn (packed mask)"] <= elements / 8 + 16
+
+
+def test_report_formats_settings_for_people():
+    from experiments.report import format_value
+
+    assert format_value(10 ** -3.5) == "3.2e-4"
+    assert format_value(1e-3) == "1e-3"
+    assert format_value(5e-4) == "5e-4"
+    assert format_value(0.75) == "0.75" and format_value(0.02) == "0.02"
+    assert format_value([0.0, 0.75]) == "[0, 0.75]" and format_value(50) == "50"
+
+
+def _bn_vs_baseline_result(first_bn, first_none, num_train, batch_size):
+    run = lambda first: {"loss": [2.0] * 4, "train_acc": [first, 0.9], "val_acc": [first, 0.9]}
+    return {"config": {"num_train": num_train, "batch_size": batch_size, "epochs": 2},
+            "runs": {"none": run(first_none), "batchnorm": run(first_bn),
+                     "layernorm": run(0.5)}}
+
+
+def test_report_explains_the_running_statistics_from_the_numbers():
+    from experiments.report import summarize_bn_vs_baseline
+
+    # 6 steps at momentum 0.9: 0.9^6 = 53% of the initial value is left, and dominates.
+    _, findings = summarize_bn_vs_baseline(_bn_vs_baseline_result(0.10, 0.095, 300, 50))
+    text = " ".join(findings)
+    assert "no clear early advantage" in text and "6 steps at momentum 0.9" in text
+    assert "still 53% initial value" in text and "dominates" in text
+    assert "close to their initial values" not in text
+    # 20 steps: 12% left; the explanation says what the rest is instead.
+    _, findings = summarize_bn_vs_baseline(_bn_vs_baseline_result(0.10, 0.095, 1000, 50))
+    assert "still 12% initial value" in " ".join(findings)
+    assert "dominates" not in " ".join(findings)
+    _, findings = summarize_bn_vs_baseline(_bn_vs_baseline_result(0.40, 0.10, 1000, 50))
+    assert "faster early progress with batch norm" in " ".join(findings)
