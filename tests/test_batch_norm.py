@@ -12,7 +12,8 @@ from jax.test_util import check_grads
 
 import jaxbn
 from jaxbn import reference
-from helpers import cs231n_rel_error, max_rel_error, numerical_vjp, rand, vjps
+from helpers import rand
+from jaxbn import testing
 
 RULES = ["alt", "graph"]
 
@@ -50,31 +51,20 @@ def _ref_fn(axis):
 @pytest.mark.parametrize("shape,axis", CASES, ids=CASE_IDS)
 def test_vjp_matches_autodiff_float64(backward, shape, axis):
     x = rand(0, shape, jnp.float64, scale=2.0, offset=0.5)
-    args = (x, *_params(shape[axis], jnp.float64))
     state = jaxbn.init_batch_norm_state(shape[axis], jnp.float64)
-    y, grads = vjps(_bn_fn(state, backward, axis), args)
-    y_ref, grads_ref = vjps(_ref_fn(axis), args)
-    assert max_rel_error(y, y_ref) <= 1e-12
-    for name, g, g_ref in zip(("dx", "dgamma", "dbeta"), grads, grads_ref):
-        assert g.shape == g_ref.shape and g.dtype == jnp.float64, name
-        assert max_rel_error(g, g_ref) <= 1e-10, name
+    testing.check_vjp(_bn_fn(state, backward, axis), _ref_fn(axis), x,
+                      *_params(shape[axis], jnp.float64))
 
 
 @pytest.mark.parametrize("backward", RULES)
 @pytest.mark.parametrize("shape,axis", CASES + [((256, 7), 1)], ids=CASE_IDS + ["256x7-axis1"])
 def test_vjp_matches_autodiff_float32(backward, shape, axis):
     """float32 against the float64 ground truth, tolerance scaled with the reduction size."""
-    x64 = rand(0, shape, jnp.float64, scale=2.0, offset=0.5)
-    p64 = _params(shape[axis], jnp.float64)
-    m = x64.size // shape[axis]
+    x = rand(0, shape, jnp.float32, scale=2.0, offset=0.5)
     state = jaxbn.init_batch_norm_state(shape[axis])
-    args32 = (x64.astype(jnp.float32), *(p.astype(jnp.float32) for p in p64))
-    y, grads = vjps(_bn_fn(state, backward, axis), args32)
-    _, grads_ref = vjps(_ref_fn(axis), (x64, *p64))
-    tol = 4e-7 * np.sqrt(m) + 1e-6
-    for name, g, g_ref in zip(("dx", "dgamma", "dbeta"), grads, grads_ref):
-        assert g.dtype == jnp.float32, name
-        assert max_rel_error(g, g_ref) <= tol, name
+    testing.check_vjp(_bn_fn(state, backward, axis), _ref_fn(axis), x,
+                      *_params(shape[axis], jnp.float32), reference_dtype=jnp.float64,
+                      reduction_size=x.size // shape[axis])
 
 
 @pytest.mark.parametrize("backward", RULES)
@@ -84,52 +74,25 @@ def test_spatial_vjp_matches_autodiff(backward, layout, dtype):
     shape = (4, 3, 5, 6) if layout == "NCHW" else (4, 5, 6, 3)
     axis = 1 if layout == "NCHW" else 3
     x = rand(0, shape, dtype, scale=2.0, offset=-1.0)
-    args = (x, *_params(3, dtype))
     state = jaxbn.init_batch_norm_state(3, dtype)
     fn = lambda x, g, b: jaxbn.spatial_batch_norm(x, g, b, state, train=True, layout=layout,
                                                   backward=backward)[0]
-    y, grads = vjps(fn, args)
-    y_ref, grads_ref = vjps(_ref_fn(axis), args)
-    tol = 1e-10 if dtype == jnp.float64 else 4e-7 * np.sqrt(120) + 1e-6
-    assert max_rel_error(y, y_ref) <= tol
-    for g, g_ref in zip(grads, grads_ref):
-        assert max_rel_error(g, g_ref) <= tol
+    testing.check_vjp(fn, _ref_fn(axis), x, *_params(3, dtype), reference_dtype=jnp.float64,
+                      reduction_size=120)
 
 
 def test_rules_are_not_trivially_equal_to_a_wrong_gradient():
     """Sanity of the comparison itself: a backward that ignores the statistics is caught."""
-    x = rand(0, (8, 5))
-    args = (x, *_params(5, jnp.float64))
-    _, grads_ref = vjps(_ref_fn(-1), args)
-    gamma = args[1]
+    gamma, beta = _params(5, jnp.float64)
     sg = jax.lax.stop_gradient
-    _, pullback = jax.vjp(lambda x: (x - sg(x.mean(0))) / sg(x.std(0)) * gamma, x)
-    wrong = pullback(jax.random.normal(jax.random.key(123), x.shape, jnp.float64))[0]
-    assert max_rel_error(wrong, grads_ref[0]) > 1e-3
-
-
-@pytest.mark.parametrize("backward", RULES)
-def test_second_order_check_grads(backward):
-    x = rand(0, (6, 3), scale=1.5)
-    state = jaxbn.init_batch_norm_state(3, jnp.float64)
-    check_grads(_bn_fn(state, backward, -1), (x, *_params(3, jnp.float64)), order=2,
-                modes=["rev"], atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize("backward", RULES)
-def test_hessian_matches_autodiff(backward):
-    x = rand(0, (5, 3))
-    gamma, beta = _params(3, jnp.float64)
-    state = jaxbn.init_batch_norm_state(3, jnp.float64)
-    loss = lambda fn: (lambda x: jnp.sum(jnp.sin(fn(x, gamma, beta)) * jnp.arange(15.).reshape(5, 3)))
-    h = jax.hessian(loss(_bn_fn(state, backward, -1)))(x)
-    h_ref = jax.hessian(loss(_ref_fn(-1)))(x)
-    assert max_rel_error(h, h_ref) <= 1e-10
+    wrong = lambda x, g, b: (x - sg(x.mean(0))) / sg(jnp.sqrt(x.var(0) + 1e-5)) * g + b
+    with pytest.raises(AssertionError, match="w.r.t. input 0 differs"):
+        testing.check_vjp(wrong, _ref_fn(-1), rand(0, (8, 5)), gamma, beta)
 
 
 @pytest.mark.parametrize("backward", RULES)
 @pytest.mark.parametrize("spatial", [False, True], ids=["flat", "spatial"])
-def test_finite_differences_float64(backward, spatial):
+def test_finite_differences_float64_first_and_second_order(backward, spatial):
     if spatial:
         x = rand(0, (2, 3, 2, 3), scale=2.0, offset=3.0)
         state = jaxbn.init_batch_norm_state(3, jnp.float64)
@@ -140,11 +103,18 @@ def test_finite_differences_float64(backward, spatial):
         state = jaxbn.init_batch_norm_state(4, jnp.float64)
         fn = _bn_fn(state, backward, -1)
     args = (x, *_params(x.shape[1], jnp.float64))
-    y, grads = vjps(fn, args, seed=7)
-    cot = jax.random.normal(jax.random.key(7), y.shape, jnp.float64)
-    jitted = jax.jit(fn)
-    for i, g in enumerate(grads):
-        assert cs231n_rel_error(g, numerical_vjp(jitted, args, cot, i)) <= 1e-8
+    testing.check_finite_differences(fn, *args, tol=1e-8)
+    testing.check_finite_differences(fn, *args, order=2)
+
+
+@pytest.mark.parametrize("backward", RULES)
+def test_hessian_matches_autodiff(backward):
+    x = rand(0, (5, 3))
+    gamma, beta = _params(3, jnp.float64)
+    state = jaxbn.init_batch_norm_state(3, jnp.float64)
+    loss = lambda fn: (lambda x: jnp.sum(jnp.sin(fn(x, gamma, beta)) * jnp.arange(15.).reshape(5, 3)))
+    testing.check_vjp(jax.grad(loss(_bn_fn(state, backward, -1))), jax.grad(loss(_ref_fn(-1))),
+                      x, rtol=1e-10)
 
 
 def test_autodiff_backward_supports_jvp():
@@ -233,42 +203,18 @@ def test_no_gradient_through_state(train):
 
 
 @pytest.mark.parametrize("backward", RULES)
-def test_jit_equals_eager(backward):
-    x = rand(0, (9, 4), jnp.float32)
-    gamma, beta = _params(4, jnp.float32)
-    state = _state(4)
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
+def test_jit_vmap_and_second_order_agree(backward, dtype):
+    """Eager == jit, vmap over independent batches == a loop (statistics per batch, never pooled
+    across the mapped axis), reverse-over-reverse eager == jit; each with its own running state."""
+    x = rand(0, (9, 4), dtype, scale=2.0)
+    gamma, beta = _params(4, dtype)
 
-    def step(x, gamma, beta, state):
-        (y, new), pullback = jax.vjp(
-            lambda x, g, b: jaxbn.batch_norm(x, g, b, state, train=True, backward=backward),
-            x, gamma, beta)
-        return y, new, pullback((jnp.cos(y), jax.tree.map(jnp.zeros_like, new)))
+    def fn(x, gamma, beta, state):
+        return jaxbn.batch_norm(x, gamma, beta, state, train=True, backward=backward)
 
-    eager = step(x, gamma, beta, state)
-    jitted = jax.jit(step)(x, gamma, beta, state)
-    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
-        np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6)
-
-
-@pytest.mark.parametrize("backward", RULES)
-def test_vmap_over_batches_equals_loop(backward):
-    """Independent batches stacked on a leading axis, each with its own running statistics."""
-    xs = rand(0, (3, 8, 4), jnp.float64, scale=2.0)
-    gamma, beta = _params(4, jnp.float64)
-    states = jaxbn.BatchNormState(rand(1, (3, 4)), jnp.ones((3, 4)) + rand(2, (3, 4)) ** 2)
-    cot = rand(5, xs.shape)
-
-    def run(x, state, c):
-        fn = lambda x, g: jaxbn.batch_norm(x, g, beta, state, train=True, backward=backward)
-        (y, new), pullback = jax.vjp(fn, x, gamma)
-        return y, new, pullback((c, jax.tree.map(jnp.zeros_like, new)))
-
-    batched = jax.vmap(run)(xs, states, cot)
-    for i in range(3):
-        single = run(xs[i], jax.tree.map(lambda a: a[i], states), cot[i])
-        for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(batched)):
-            np.testing.assert_allclose(b[i], a, rtol=1e-12, atol=1e-12)
-        assert np.max(np.abs(single[2][0])) > 1e-3  # a random cotangent: dx is not zero
+    state = jaxbn.BatchNormState(rand(1, (4,), dtype), jnp.ones(4, dtype) + rand(2, (4,), dtype) ** 2)
+    testing.check_transforms(fn, x, gamma, beta, state, argnums=(0, 1, 2), reduction_size=9)
 
 
 def test_scan_over_steps_equals_python_loop():
@@ -301,10 +247,8 @@ def test_grad_of_a_loss_through_jit_and_grad():
         return jnp.mean((jnp.tanh(y) - target) ** 2)
 
     params = (w, *_params(5, jnp.float64))
-    g = jax.jit(jax.grad(loss), static_argnums=1)(params, "alt")
-    g_ref = jax.grad(loss)(params, "autodiff")
-    for a, b in zip(g, g_ref):
-        assert max_rel_error(a, b) <= 1e-10
+    testing.check_vjp(jax.jit(jax.grad(lambda p: loss(p, "alt"))),
+                      jax.grad(lambda p: loss(p, "autodiff")), params, rtol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,12 +281,9 @@ def test_large_offset_float32_gradient_is_accurate(backward):
     x = rand(0, (512, 3), jnp.float32, offset=1e4)
     gamma, beta = _params(3, jnp.float32)
     state = jaxbn.init_batch_norm_state(3)
-    _, grads = vjps(_bn_fn(state, backward, -1), (x, gamma, beta))
-    x64 = np.asarray(x, np.float64)  # the float32 values, exactly, in float64
-    _, grads_ref = vjps(_ref_fn(-1), (jnp.asarray(x64), gamma.astype(jnp.float64),
-                                      beta.astype(jnp.float64)))
-    for g, g_ref in zip(grads, grads_ref):
-        assert max_rel_error(g, g_ref) <= 1e-3
+    # The reference runs on the same float32 values, exactly, in float64.
+    testing.check_vjp(_bn_fn(state, backward, -1), _ref_fn(-1), x, gamma, beta,
+                      reference_dtype=jnp.float64, rtol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
@@ -356,18 +297,14 @@ def test_low_precision_inputs(dtype, backward):
     (y, new), pullback = jax.vjp(fn, x, gamma, beta)
     assert y.dtype == dtype
     assert new.mean.dtype == jnp.float32 and new.var.dtype == jnp.float32
-    cot = rand(9, y.shape, jnp.float32)
-    dx, dgamma, dbeta = pullback((cot.astype(dtype), jax.tree.map(jnp.zeros_like, new)))
+    cot = rand(9, y.shape, dtype)
+    dx, dgamma, dbeta = pullback((cot, jax.tree.map(jnp.zeros_like, new)))
     assert dx.dtype == dtype and dgamma.dtype == jnp.float32 and dbeta.dtype == jnp.float32
-    # Compared with float64 math on the same (rounded) inputs, errors are those of one rounding.
-    x64 = jnp.asarray(np.asarray(x.astype(jnp.float32), np.float64))
-    y_ref, pull_ref = jax.vjp(_ref_fn(-1), x64, gamma.astype(jnp.float64), beta.astype(jnp.float64))
-    grads_ref = pull_ref(jnp.asarray(np.asarray(cot.astype(dtype).astype(jnp.float32), np.float64)))
-    tol = 1e-2 if dtype == jnp.bfloat16 else 2e-3
-    assert max_rel_error(y, y_ref) <= tol
-    assert max_rel_error(dx, grads_ref[0]) <= tol
-    assert max_rel_error(dgamma, grads_ref[1]) <= 1e-4
-    np.testing.assert_allclose(new.mean, 0.1 * np.asarray(x64).mean(0), rtol=1e-5)
+    # Against float64 math on the same (rounded) inputs: the errors of one rounding each way.
+    testing.check_vjp(lambda x, g, b: fn(x, g, b)[0], _ref_fn(-1), x, gamma, beta,
+                      reference_dtype=jnp.float64, reduction_size=64)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    np.testing.assert_allclose(new.mean, 0.1 * x64.mean(0), rtol=1e-5)
 
 
 def test_float64_end_to_end():

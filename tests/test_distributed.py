@@ -17,7 +17,8 @@ import pytest
 
 import jaxbn
 from jaxbn import reference
-from helpers import max_rel_error, rand, vjps
+from helpers import rand
+from jaxbn import testing
 
 
 def test_eight_device_shard_map_matches_one_device():
@@ -53,11 +54,8 @@ def test_vmap_axis_name_over_examples_equals_whole_batch(backward, layout):
         ys, news = jax.vmap(one, axis_name="batch")(x)
         return ys, jax.tree.map(lambda a: a[0], news)
 
-    y, grads = vjps(lambda x, g, b: whole(x, g, b)[0], (x, gamma, beta))
-    y_v, grads_v = vjps(lambda x, g, b: per_example(x, g, b)[0], (x, gamma, beta))
-    assert max_rel_error(y_v, y) <= 1e-12
-    for a, b in zip(grads_v, grads):
-        assert max_rel_error(a, b) <= 1e-12
+    testing.check_vjp(lambda x, g, b: per_example(x, g, b), lambda x, g, b: whole(x, g, b),
+                      x, gamma, beta, has_aux=True, compare_aux=True)
     for a, b in zip(per_example(x, gamma, beta)[1], whole(x, gamma, beta)[1]):
         np.testing.assert_allclose(a, b, rtol=1e-12)
 
@@ -115,15 +113,20 @@ def test_masked_vjp_matches_the_valid_subset_whatever_the_padding(backward, dtyp
                                   momentum=0.0)
         return y, new
 
-    (y, new), grads = vjps(fn, (padded.astype(dtype), *(a.astype(dtype) for a in p)),
-                           structured=True)
-    y_ref, grads_ref = vjps(lambda x, g, b: _valid_subset_reference(x, g, b, mask), (x, *p))
-    tol = 1e-12 if dtype == jnp.float64 else 1e-5
-    assert max_rel_error(y, y_ref) <= tol
-    for a, b in zip(grads, grads_ref):
-        assert np.all(np.isfinite(a)) and max_rel_error(a, b) <= tol
-    assert np.all(np.asarray(grads[0])[~np.asarray(mask)] == 0)  # padding's own gradient: 0
+    args = (padded.astype(dtype), *(a.astype(dtype) for a in p))
+    # The reference never sees the padding: it gathers the valid rows of the clean x.
+    reference_fn = lambda _, g, b: _valid_subset_reference(x.astype(g.dtype), g, b, mask)
+    testing.check_vjp(lambda *a: fn(*a)[0], reference_fn, *args, argnums=(1, 2),
+                      reference_dtype=jnp.float64, reduction_size=10)
+    valid_rows = lambda f: (lambda x, g, b: f(x, g, b)[np.asarray(mask)])
+    testing.check_vjp(valid_rows(lambda *a: fn(*a)[0]), valid_rows(
+        lambda x, g, b: _valid_subset_reference(x, g, b, mask)),
+        x.astype(dtype), *args[1:], reference_dtype=jnp.float64, reduction_size=10)
+    (y, new), pullback = jax.vjp(fn, *args)
+    dx = pullback((jnp.ones_like(y), jax.tree.map(jnp.zeros_like, new)))[0]
+    assert np.all(np.isfinite(dx)) and np.all(np.asarray(dx)[~np.asarray(mask)] == 0)
     valid = np.asarray(x)[np.asarray(mask)]
+    tol = 1e-12 if dtype == jnp.float64 else 1e-5
     np.testing.assert_allclose(new.mean, valid.mean(0), rtol=tol)
     np.testing.assert_allclose(new.var, valid.var(0), rtol=tol)
 

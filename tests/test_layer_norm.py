@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.test_util import check_grads
 
 import jaxbn
 from jaxbn import reference
-from helpers import cs231n_rel_error, max_rel_error, numerical_vjp, rand, vjps
+from helpers import rand
+from jaxbn import testing
 
 RULES = ["alt", "graph"]
 
@@ -48,14 +48,12 @@ def _naive_numpy_group_norm(x, gamma, beta, groups, eps=1e-5):
 @pytest.mark.parametrize("shape", [(6, 5), (3, 4, 7), (9,)], ids=["6x5", "3x4x7", "single"])
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
 def test_layer_norm_vjp_matches_autodiff(backward, shape, dtype):
-    x64 = rand(0, shape, scale=2.0, offset=0.5)
-    p64 = _params(shape[-1], jnp.float64)
-    y, grads = vjps(_ln(backward), (x64.astype(dtype), *(p.astype(dtype) for p in p64)))
-    y_ref, grads_ref = vjps(lambda x, g, b: reference.layer_norm(x, g, b), (x64, *p64))
-    tol = 1e-10 if dtype == jnp.float64 else 4e-7 * np.sqrt(shape[-1]) + 2e-6
-    assert y.dtype == dtype and max_rel_error(y, y_ref) <= tol
-    for g, g_ref in zip(grads, grads_ref):
-        assert g.dtype == dtype and max_rel_error(g, g_ref) <= tol
+    x = rand(0, shape, dtype, scale=2.0, offset=0.5)
+    args = (x, *_params(shape[-1], dtype))
+    testing.check_vjp(_ln(backward), lambda x, g, b: reference.layer_norm(x, g, b), *args,
+                      reference_dtype=jnp.float64, reduction_size=shape[-1])
+    y, pullback = jax.vjp(_ln(backward), *args)
+    assert y.dtype == dtype and all(g.dtype == dtype for g in pullback(y))
 
 
 GROUP_CASES = [(1, "NCHW"), (2, "NCHW"), (6, "NCHW"), (1, "NHWC"), (3, "NHWC"), (6, "NHWC")]
@@ -66,15 +64,9 @@ GROUP_CASES = [(1, "NCHW"), (2, "NCHW"), (6, "NCHW"), (1, "NHWC"), (3, "NHWC"), 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
 def test_group_norm_vjp_matches_autodiff(backward, groups, layout, dtype):
     shape = (2, 6, 3, 4) if layout == "NCHW" else (2, 3, 4, 6)
-    x64 = rand(0, shape, scale=2.0, offset=-1.0)
-    p64 = _params(6, jnp.float64)
-    y, grads = vjps(_gn(backward, groups, layout), (x64.astype(dtype),
-                                                     *(p.astype(dtype) for p in p64)))
-    y_ref, grads_ref = vjps(_gn_ref(groups, layout), (x64, *p64))
-    tol = 1e-10 if dtype == jnp.float64 else 4e-7 * np.sqrt(72) + 2e-6
-    assert max_rel_error(y, y_ref) <= tol
-    for g, g_ref in zip(grads, grads_ref):
-        assert g.shape == g_ref.shape and max_rel_error(g, g_ref) <= tol
+    x = rand(0, shape, dtype, scale=2.0, offset=-1.0)
+    testing.check_vjp(_gn(backward, groups, layout), _gn_ref(groups, layout), x,
+                      *_params(6, dtype), reference_dtype=jnp.float64, reduction_size=72)
 
 
 @pytest.mark.parametrize("groups", [1, 2, 6])
@@ -120,12 +112,9 @@ def test_second_order_and_finite_differences(which):
         x = rand(0, (2, 4, 2, 2), scale=2.0, offset=3.0)
         fn = _gn("alt", 2, "NCHW")
     args = (x, *_params(x.shape[1], jnp.float64))
-    check_grads(fn, args, order=2, modes=["rev"], atol=1e-6, rtol=1e-6)
-    y, grads = vjps(fn, args, seed=7)
-    cot = jax.random.normal(jax.random.key(7), y.shape, jnp.float64)
-    jitted = jax.jit(fn)
-    for i, g in enumerate(grads):
-        assert cs231n_rel_error(g, numerical_vjp(jitted, args, cot, i)) <= 1e-7
+    testing.check_finite_differences(fn, *args)
+    testing.check_finite_differences(fn, *args, order=2)
+    testing.check_transforms(fn, *args)
 
 
 @pytest.mark.parametrize("which", ["layer", "group"])
@@ -147,10 +136,10 @@ def test_large_offset_and_low_precision(which):
         else:
             fn = lambda x, g, b: jaxbn.group_norm(x, g, b, groups=2)
             params = (jnp.ones(8, jnp.float32), jnp.zeros(8, jnp.float32))
-        y, (dx, dg, db) = vjps(fn, (xl, *params))
+        y, pullback = jax.vjp(fn, xl, *params)
+        dx, dg, _ = pullback(y)
         assert y.dtype == dtype and dx.dtype == dtype and dg.dtype == jnp.float32
-        y_ref = fn(xl.astype(jnp.float32), *params)
-        assert max_rel_error(y, y_ref) <= 1e-2
+        testing.check_vjp(fn, fn, xl, *params, reference_dtype=jnp.float64)
 
 
 BAD = [
