@@ -111,3 +111,23 @@ def fcn_loss(params, X, y, num_layers, normalization, reg, eps=1e-5):
     scores = h @ params[f"W{num_layers}"] + params[f"b{num_layers}"]
     loss = softmax_loss(scores, y)[0]
     return loss + 0.5 * reg * sum(np.sum(params[f"W{i}"] ** 2) for i in range(1, num_layers + 1))
+
+
+# --- optimizers, written from the update equations -------------------------------------------
+
+def momentum_step(w, dw, lr, mu, v):
+    v = mu * v - lr * dw
+    return w + v, v
+
+
+def rmsprop_step(w, dw, lr, rho, eps, cache):
+    cache = rho * cache + (1 - rho) * dw ** 2
+    return w - lr * dw / (np.sqrt(cache) + eps), cache
+
+
+def adam_step(w, dw, lr, b1, b2, eps, m, v, t):
+    t = t + 1
+    m = b1 * m + (1 - b1) * dw
+    v = b2 * v + (1 - b2) * dw ** 2
+    step = lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+    return w - step, m, v, t

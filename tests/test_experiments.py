@@ -62,11 +62,11 @@ def test_cifar10_loader_round_trip_with_cs231n_preprocessing(tmp_path):
 
 
 def test_cifar10_loader_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a directory"):
+    with pytest.raises(FileNotFoundError, match="does not exist.*cifar10_dir="):
         data.load_cifar10(str(tmp_path / "nowhere"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="lacks the CIFAR-10 batches"):
+    with pytest.raises(FileNotFoundError, match="lacks the batches"):
         data.load_cifar10(str(empty))
     bad = str(tmp_path / "bad")
     _write_cifar(bad, corrupt="data_batch_3")
@@ -81,7 +81,7 @@ def test_cifar10_loader_errors(tmp_path):
 def test_cli_reports_a_missing_cifar_directory(tmp_path, capsys):
     assert run.main(["--data", "cifar10", "--data-dir", str(tmp_path / "x"),
                      "--out", str(tmp_path)]) == 2
-    assert "not a directory" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_quick_smoke_run_writes_png_json_and_report(tmp_path):

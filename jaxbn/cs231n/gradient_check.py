@@ -1,0 +1,74 @@
+"""The notebooks' gradient checks (``cs231n/gradient_check.py``) and ``rel_error``.
+
+These run the user's function on numpy arrays, entry by entry: they are the assignment's own
+tools, kept for its notebooks. For checking a hand-written JAX VJP, :mod:`jaxbn.testing` compares
+against ``jax.vjp`` of a naive forward under random cotangents, which is faster and stricter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["eval_numerical_gradient", "eval_numerical_gradient_array", "grad_check_sparse",
+           "rel_error"]
+
+
+def rel_error(x, y):
+    """The notebook's relative error: ``max |x - y| / max(1e-8, |x| + |y|)``."""
+    return np.max(np.abs(x - y) / (np.maximum(1e-8, np.abs(x) + np.abs(y))))
+
+
+def _centered_differences(evaluate, x, h, combine, verbose=False):
+    """Perturbs each entry of the numpy array ``x`` in place by +-h (restoring it) and stores
+    ``combine(evaluate(x + h e_i), evaluate(x - h e_i)) / (2 h)``."""
+    grad = np.zeros_like(x)
+    it = np.nditer(x, flags=["multi_index"], op_flags=["readwrite"])
+    while not it.finished:
+        ix = it.multi_index
+        old = x[ix]
+        x[ix] = old + h
+        plus = evaluate(x)
+        x[ix] = old - h
+        minus = evaluate(x)
+        x[ix] = old
+        grad[ix] = combine(plus, minus) / (2 * h)
+        if verbose:
+            print(ix, grad[ix])
+        it.iternext()
+    return grad
+
+
+def eval_numerical_gradient(f, x, verbose=True, h=1e-5):
+    """Centered finite-difference gradient of the scalar ``f`` at the numpy array ``x`` (modified
+    in place and restored), as in cs231n's ``gradient_check``."""
+    return _centered_differences(f, x, h, lambda plus, minus: plus - minus, verbose)
+
+
+def eval_numerical_gradient_array(f, x, df, h=1e-5):
+    """Centered finite differences of ``sum(f(x) * df)`` w.r.t. the numpy array ``x``; the outputs
+    are differenced before the sum, so two large sums never cancel."""
+    return _centered_differences(lambda a: np.array(f(a), copy=True), x, h,
+                                 lambda plus, minus: np.sum((plus - minus) * df))
+
+
+def grad_check_sparse(f, x, analytic_grad, num_checks=10, h=1e-5):
+    """Compares ``analytic_grad`` with centered differences of the scalar ``f`` at
+    ``num_checks`` entries of ``x`` drawn with numpy's global RNG, printing each comparison.
+
+    Returns the relative errors (the assignment prints them only).
+    """
+    errors = []
+    for _ in range(num_checks):
+        ix = tuple(int(np.random.randint(n)) for n in x.shape)
+        old = x[ix]
+        x[ix] = old + h
+        plus = f(x)
+        x[ix] = old - h
+        minus = f(x)
+        x[ix] = old
+        numerical = (plus - minus) / (2 * h)
+        analytic = analytic_grad[ix]
+        error = abs(numerical - analytic) / max(abs(numerical) + abs(analytic), 1e-300)
+        print(f"numerical: {numerical:f} analytic: {analytic:f}, relative error: {error:e}")
+        errors.append(error)
+    return errors
