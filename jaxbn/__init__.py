@@ -2,15 +2,18 @@
 
 from jaxbn._batch_norm import BatchNormState, batch_norm, init_batch_norm_state, spatial_batch_norm
 from jaxbn._dropout import dropout
+from jaxbn._inference import fold_batch_norm, recompute_batch_stats
 from jaxbn._layer_norm import group_norm, layer_norm
 
 __all__ = [
     "BatchNormState",
     "batch_norm",
     "dropout",
+    "fold_batch_norm",
     "group_norm",
     "init_batch_norm_state",
     "layer_norm",
+    "recompute_batch_stats",
     "spatial_batch_norm",
 ]
 

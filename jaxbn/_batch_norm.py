@@ -7,39 +7,46 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxbn import _checks, _layout
+from jaxbn import _checks, _layout, _renorm
 from jaxbn._layout import Layout, check_image_layout, layout
-from jaxbn._normalize import BACKWARDS, Config, normalize, normalize_with
+from jaxbn._normalize import BACKWARDS, AxisGroups, Config, normalize, normalize_with, psum
 
 
 class BatchNormState(NamedTuple):
     """Running statistics of a batch norm layer (a pytree).
 
-    Updated in train mode as ``new = momentum * old + (1 - momentum) * batch_statistic``.
+    Updated in train mode as ``new = momentum * old + (1 - momentum) * batch_statistic``, or with
+    ``momentum=None`` as the cumulative average of every batch seen (which needs ``count``).
+    ``BatchNormState(mean, var)`` (no counter) still works for every other option.
     """
 
     mean: jax.Array  # (D,) running mean
-    var: jax.Array  # (D,) running biased variance
+    var: jax.Array  # (D,) running variance (biased unless running_var="unbiased")
+    count: jax.Array | None = None  # () int32: train-mode batches seen (num_batches_tracked)
 
 
 def init_batch_norm_state(num_features: int, dtype: Any = jnp.float32) -> BatchNormState:
-    """Returns the initial running statistics: mean zeros, variance ones, both ``(num_features,)``.
+    """Returns the initial running statistics: mean zeros, variance ones, both ``(num_features,)``,
+    and a batch counter at 0.
 
     Example:
       >>> state = jaxbn.init_batch_norm_state(3)
-      >>> state.mean, state.var
-      (Array([0., 0., 0.], dtype=float32), Array([1., 1., 1.], dtype=float32))
+      >>> state.mean, state.var, state.count
+      (Array([0., 0., 0.], dtype=float32), Array([1., 1., 1.], dtype=float32), Array(0, dtype=int32))
     """
     num_features = _checks.check_positive_int("num_features", num_features)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating dtype; got {jnp.dtype(dtype)}.")
-    return BatchNormState(jnp.zeros((num_features,), dtype), jnp.ones((num_features,), dtype))
+    return BatchNormState(jnp.zeros((num_features,), dtype), jnp.ones((num_features,), dtype),
+                          jnp.zeros((), jnp.int32))
 
 
-def batch_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, state: BatchNormState, *,
-               train: bool, momentum: float = 0.9, eps: float = 1e-5, axis: int = -1,
-               backward: str = "alt", axis_name: Any = None,
-               mask: jax.Array | None = None) -> tuple[jax.Array, BatchNormState]:
+def batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None,
+               state: BatchNormState, *, train: bool, momentum: float | None = 0.9,
+               eps: float = 1e-5, axis: int = -1, backward: str = "alt", axis_name: Any = None,
+               mask: jax.Array | None = None, running_var: str = "biased",
+               virtual_batch_size: int | None = None, renorm: dict | None = None,
+               axis_index_groups: Any = None) -> tuple[jax.Array, BatchNormState]:
     r"""Batch normalization over every axis of ``x`` but the feature axis.
 
     ``momentum`` weights the *old* running value: ``new = momentum * old + (1 - momentum) *
@@ -61,11 +68,13 @@ def batch_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, state: BatchNorm
     Args:
       x: input of rank >= 2, floating. bfloat16/float16 inputs give outputs and gradients in their
         dtype; the statistics are computed in float32.
-      gamma: scale, ``(D,)``.
-      beta: shift, ``(D,)``.
-      state: running statistics, a :class:`BatchNormState` of two ``(D,)`` arrays.
+      gamma: scale, ``(D,)``; None for no scale (PyTorch ``affine=False``, Flax ``use_scale``).
+      beta: shift, ``(D,)``; None for no shift.
+      state: running statistics, a :class:`BatchNormState` of two ``(D,)`` arrays and a counter.
       train: Python bool: batch statistics (True) or running statistics (False).
-      momentum: weight of the *old* running value, in [0, 1] (PyTorch's momentum is 1 minus this).
+      momentum: weight of the *old* running value, in [0, 1] (PyTorch's momentum is 1 minus this);
+        None for the cumulative average of every batch seen (PyTorch's ``momentum=None``; needs
+        the state's ``count``).
       eps: added to the variance, > 0.
       axis: the feature axis.
       backward: ``"alt"`` (default) the simplified closed-form backward, ``"graph"`` the staged
@@ -83,6 +92,17 @@ def batch_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, state: BatchNorm
         gradient are 0. A batch with no valid entry leaves the running statistics unchanged and
         gives finite outputs (no NaN). With ``mask`` or ``axis_name``, ``backward`` is ``"alt"``
         or ``"autodiff"`` (``"graph"`` raises).
+      running_var: ``"biased"`` (default, cs231n) or ``"unbiased"`` (PyTorch): the running
+        variance accumulates ``var * m / (m - 1)`` over ``m`` values; normalization always uses
+        the biased batch variance.
+      virtual_batch_size: ghost batch norm: each consecutive group of this many examples (axis
+        0) is normalized with its own statistics (a free reshape, no copy); the running
+        statistics move by the mean of the groups' statistics. Must divide the batch.
+      renorm: batch renormalization, ``dict(r_max=..., d_max=...)`` (values may be traced, to
+        ramp them with the step): see :mod:`jaxbn._renorm`. ``r_max=1, d_max=0`` is batch norm.
+      axis_index_groups: with ``axis_name``, device subgroups (lists of indices along it, of equal
+        size) normalized separately, as Flax and Haiku do; supported where ``lax.psum`` supports
+        it (``jax.pmap``; not ``jax.vmap``).
 
     Returns:
       ``(y, new_state)``: ``y`` of ``x``'s shape and dtype, and the updated running statistics.
@@ -102,15 +122,21 @@ def batch_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, state: BatchNorm
     x = _checks.check_float_array("x", x)
     _checks.check_ndim("x", x, min_ndim=2, what="a batch axis and a feature axis")
     axis = _checks.check_axis("axis", axis, x.ndim)
-    lay = layout(x.shape, "batch", axis=axis)
+    vbs = _layout.check_virtual_batch_size(virtual_batch_size, x.shape, axis)
+    lay = layout(x.shape, "batch", axis=axis, virtual_batch_size=vbs)
     return _batch_norm(x, gamma, beta, state, lay, train=train, momentum=momentum, eps=eps,
-                       backward=backward, axis_name=axis_name, mask=mask)
+                       backward=backward, axis_name=axis_name, mask=mask,
+                       running_var=running_var, renorm=renorm,
+                       axis_index_groups=axis_index_groups)
 
 
-def spatial_batch_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, state: BatchNormState, *,
-                       train: bool, momentum: float = 0.9, eps: float = 1e-5,
-                       layout: str = "NCHW", backward: str = "alt", axis_name: Any = None,
-                       mask: jax.Array | None = None) -> tuple[jax.Array, BatchNormState]:
+def spatial_batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None,
+                       state: BatchNormState, *, train: bool, momentum: float | None = 0.9,
+                       eps: float = 1e-5, layout: str = "NCHW", backward: str = "alt",
+                       axis_name: Any = None, mask: jax.Array | None = None,
+                       running_var: str = "biased", virtual_batch_size: int | None = None,
+                       renorm: dict | None = None,
+                       axis_index_groups: Any = None) -> tuple[jax.Array, BatchNormState]:
     """Batch normalization of image data per channel, over batch, height and width.
 
     The default layout is cs231n's and PyTorch's ``"NCHW"``; Flax and Equinox data is usually
@@ -127,7 +153,8 @@ def spatial_batch_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, state: B
     ``(C,)``.
 
     Args:
-      x, gamma, beta, state, train, momentum, eps, backward, axis_name: as in :func:`batch_norm`.
+      x, gamma, beta, state, train, momentum, eps, backward, axis_name, running_var,
+        virtual_batch_size, renorm, axis_index_groups: as in :func:`batch_norm`.
       mask: boolean, ``(N, H, W)`` for NCHW and NHWC alike (size 1 broadcasts).
       layout: ``"NCHW"`` (default) or ``"NHWC"``, or a 1-D/3-D layout as above.
 
@@ -140,22 +167,41 @@ def spatial_batch_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, state: B
     """
     x = _checks.check_float_array("x", x)
     check_image_layout("layout", layout, x.shape)
-    lay = _layout.layout(x.shape, "batch", image_layout=layout)
+    vbs = _layout.check_virtual_batch_size(virtual_batch_size, x.shape,
+                                           _layout.channel_axis(layout, x.ndim))
+    lay = _layout.layout(x.shape, "batch", image_layout=layout, virtual_batch_size=vbs)
     return _batch_norm(x, gamma, beta, state, lay, train=train, momentum=momentum, eps=eps,
-                       backward=backward, axis_name=axis_name, mask=mask)
+                       backward=backward, axis_name=axis_name, mask=mask,
+                       running_var=running_var, renorm=renorm,
+                       axis_index_groups=axis_index_groups)
 
 
-def check_axis_name(axis_name: Any) -> None:
-    """Rejects an ``axis_name`` that no enclosing ``vmap``/``shard_map``/``pmap`` binds."""
+def check_axis_name(axis_name: Any, axis_index_groups: Any = None) -> Any:
+    """Rejects an ``axis_name`` that no enclosing ``vmap``/``shard_map``/``pmap`` binds; returns
+    it, as :class:`AxisGroups` with ``axis_index_groups``."""
+    if axis_index_groups is not None:
+        if axis_name is None:
+            raise ValueError("axis_index_groups needs axis_name: the groups split that mapped "
+                             "axis into device subgroups.")
+        try:
+            groups = tuple(tuple(int(i) for i in group) for group in axis_index_groups)
+        except TypeError:
+            raise TypeError(f"axis_index_groups must be a list of lists of device indices; got "
+                            f"{axis_index_groups!r}.") from None
+        if not groups or len({len(g) for g in groups}) != 1 or not groups[0]:
+            raise ValueError(f"axis_index_groups must be non-empty groups of equal size; got "
+                             f"{axis_index_groups!r}.")
+        axis_name = AxisGroups(axis_name, groups)
     if axis_name is None:
-        return
+        return None
     try:
-        jax.lax.psum(1, axis_name)
+        psum(1, axis_name)
     except NameError:
         raise ValueError(
             f"axis_name {axis_name!r} is not bound here: call batch norm inside jax.vmap, "
             f"jax.shard_map or jax.pmap with that axis name, or pass axis_name=None."
         ) from None
+    return axis_name
 
 
 def check_mask(mask: Any, lay: Layout) -> jax.Array | None:
@@ -193,47 +239,77 @@ def check_param(name: str, p: Any, lay: Layout) -> jax.Array:
 
 
 def check_state(state: Any, lay: Layout) -> BatchNormState:
-    if not isinstance(state, tuple) or len(state) != 2:
-        raise TypeError(f"state must be a BatchNormState(mean, var); got {type(state).__name__}. "
-                        f"Make one with jaxbn.init_batch_norm_state({lay.param_shape[0]}).")
+    if not isinstance(state, tuple) or len(state) not in (2, 3):
+        raise TypeError(f"state must be a BatchNormState(mean, var[, count]); got "
+                        f"{type(state).__name__}. Make one with "
+                        f"jaxbn.init_batch_norm_state({lay.param_shape[0]}).")
+    count = state[2] if len(state) == 3 else None
+    if count is not None:
+        count = jnp.asarray(count)
+        if count.shape != () or not jnp.issubdtype(count.dtype, jnp.integer):
+            raise ValueError(f"state.count must be an integer scalar (batches seen); got dtype "
+                             f"{count.dtype} and shape {tuple(count.shape)}.")
     return BatchNormState(check_param("state.mean", state[0], lay),
-                          check_param("state.var", state[1], lay))
+                          check_param("state.var", state[1], lay), count)
+
+
+RUNNING_VARS = ("biased", "unbiased")
 
 
 class Prepared(NamedTuple):
     """A batch norm call after validation: the core's inputs in the layout's view."""
 
     x: jax.Array  # x.reshape(layout.view)
-    gamma: jax.Array  # gamma.reshape(layout.param_view)
-    beta: jax.Array
+    gamma: jax.Array  # gamma.reshape(layout.param_view) (ones for gamma=None)
+    beta: jax.Array  # (zeros for beta=None)
     state: BatchNormState  # without gradient
     mask: jax.Array | None  # broadcastable to x's view
     config: Config
-    momentum: float
+    momentum: float | None  # None: cumulative average
     layout: Layout
+    running_var: str = "biased"
+    renorm: tuple[Any, Any] | None = None  # (r_max, d_max)
 
 
-def prepare(x, gamma, beta, state, lay: Layout, *, momentum, eps, backward, axis_name,
-            mask) -> Prepared:
+def _affine_params(gamma, beta, lay, x_dtype):
+    """gamma/beta checked, or ones/zeros where None (no affine part), in one dtype."""
+    gamma = None if gamma is None else check_param("gamma", gamma, lay)
+    beta = None if beta is None else check_param("beta", beta, lay)
+    given = [a.dtype for a in (gamma, beta) if a is not None]
+    dtype = jnp.result_type(*given) if given else _checks.stat_dtype(x_dtype)
+    gamma = jnp.ones(lay.param_shape, dtype) if gamma is None else gamma.astype(dtype)
+    beta = jnp.zeros(lay.param_shape, dtype) if beta is None else beta.astype(dtype)
+    return gamma.reshape(lay.param_view), beta.reshape(lay.param_view)
+
+
+def prepare(x, gamma, beta, state, lay: Layout, *, momentum, eps, backward, axis_name, mask,
+            running_var="biased", renorm=None, axis_index_groups=None) -> Prepared:
     """Checks every argument of a batch norm call at trace time and views them for the core."""
     _checks.check_choice("backward", backward, BACKWARDS)
-    momentum = _checks.check_real("momentum", momentum, low=0.0, high=1.0)
+    _checks.check_choice("running_var", running_var, RUNNING_VARS)
     eps = _checks.check_real("eps", eps, low=0.0, low_open=True)
-    gamma, beta = check_param("gamma", gamma, lay), check_param("beta", beta, lay)
+    gamma, beta = _affine_params(gamma, beta, lay, x.dtype)
     state = jax.tree.map(jax.lax.stop_gradient, check_state(state, lay))
-    check_axis_name(axis_name)
+    if momentum is None:
+        if state.count is None:
+            raise ValueError("momentum=None (the cumulative average of all batches, PyTorch's "
+                             "meaning) needs a batch counter in the state: make it with "
+                             "jaxbn.init_batch_norm_state(...) or pass BatchNormState(mean, var, "
+                             "count=jnp.array(0)).")
+    else:
+        momentum = _checks.check_real("momentum", momentum, low=0.0, high=1.0)
+    axis_name = check_axis_name(axis_name, axis_index_groups)
     mask = check_mask(mask, lay)
-    param_dtype = jnp.result_type(gamma.dtype, beta.dtype)
-    gamma = gamma.astype(param_dtype).reshape(lay.param_view)
-    beta = beta.astype(param_dtype).reshape(lay.param_view)
+    renorm = _renorm.check_renorm(renorm, mask=mask, axis_name=axis_name, layout=lay)
     config = Config(stat_axes=lay.stat_axes, eps=eps, backward=backward, axis_name=axis_name)
-    return Prepared(x.reshape(lay.view), gamma, beta, state, mask, config, momentum, lay)
+    return Prepared(x.reshape(lay.view), gamma, beta, state, mask, config, momentum, lay,
+                    running_var, renorm)
 
 
 def _check_batch_size(p: Prepared) -> None:
     count = p.layout.count
     if p.config.axis_name is not None:
-        count *= jax.lax.psum(1, p.config.axis_name)
+        count *= psum(1, p.config.axis_name)
     if count < 2 and p.mask is None:
         hint = ("" if p.config.axis_name is not None else
                 " Calling batch norm per example under jax.vmap? Pass axis_name= (the vmap's "
@@ -247,32 +323,66 @@ def _batch_norm(x, gamma, beta, state, lay, *, train, **options):
     _checks.check_train(train)
     p = prepare(x, gamma, beta, state, lay, **options)
     if not train:
-        mean, var = (a.reshape(lay.param_view) for a in p.state)
+        mean, var = (a.reshape(lay.param_view) for a in (p.state.mean, p.state.var))
         y = normalize_with(p.x, p.gamma, p.beta, mean, var, p.config.eps)
         return y.reshape(lay.shape), p.state
     _check_batch_size(p)
-    y, mean, var = normalize(p.x, p.gamma, p.beta, p.config, p.mask)
+    if p.renorm is not None:
+        running = (a.reshape(lay.param_view) for a in (p.state.mean, p.state.var))
+        y, mean, var = _renorm.renormalize(p.x, p.gamma, p.beta, *running, *p.renorm, p.config)
+    else:
+        y, mean, var = normalize(p.x, p.gamma, p.beta, p.config, p.mask)
     return y.reshape(lay.shape), new_state(p, mean, var)
 
 
+def _values_per_statistic(p: Prepared, dtype: Any) -> jax.Array:
+    """``m`` of each statistic, across devices: the valid entries' count with a mask."""
+    if p.mask is None:
+        m = jnp.asarray(p.layout.count, dtype)
+    else:
+        unit = tuple(1 if a not in p.layout.stat_axes else n for a, n in enumerate(p.layout.view))
+        m = jnp.sum(jnp.broadcast_to(p.mask, unit), axis=p.layout.stat_axes).reshape(-1)
+        m = m.astype(dtype)
+    return m if p.config.axis_name is None else psum(m, p.config.axis_name)
+
+
 def new_state(p: Prepared, mean: jax.Array, var: jax.Array) -> BatchNormState:
-    """The running statistics after a train step with batch statistics ``mean``, ``var``."""
-    mean, var = (a.reshape(-1) for a in jax.lax.stop_gradient((mean, var)))
+    """The running statistics after a train step with batch statistics ``mean``, ``var``.
+
+    Virtual batches (ghost batch norm) contribute the mean of their statistics; with
+    ``running_var="unbiased"`` the variance enters as ``var * m / (m - 1)``.
+    """
+    mean, var = jax.lax.stop_gradient((mean, var))
+    if p.layout.group_axes:
+        mean, var = (jnp.mean(a, axis=p.layout.group_axes) for a in (mean, var))
+    mean, var = mean.reshape(-1), var.reshape(-1)
+    if p.running_var == "unbiased":
+        m = _values_per_statistic(p, var.dtype)
+        var = var * jnp.where(m > 1, m / jnp.maximum(m - 1, 1), 1.0)
     new = update_state(p.state, mean, var, p.momentum)
     if p.mask is None:
         return new
-    # A batch without a valid entry has no statistics: keep the running ones.
+    # A batch without a valid entry has no statistics: keep the running ones (and the count).
     valid = jnp.sum(p.mask)
     if p.config.axis_name is not None:
-        valid = jax.lax.psum(valid, p.config.axis_name)
+        valid = psum(valid, p.config.axis_name)
     return jax.tree.map(lambda a, b: jnp.where(valid > 0, a, b), new, p.state)
 
 
 def update_state(state: BatchNormState, mean: jax.Array, var: jax.Array,
-                 momentum: float) -> BatchNormState:
-    """``momentum * running + (1 - momentum) * batch`` for both statistics, without gradient."""
+                 momentum: float | None) -> BatchNormState:
+    """``momentum * running + (1 - momentum) * batch`` for both statistics, without gradient;
+    ``momentum=None``: the cumulative average, ``running + (batch - running) / (count + 1)``.
+    The counter, where the state has one, goes up by one."""
     mean, var = jax.lax.stop_gradient((mean, var))
+    count = None if state.count is None else state.count + 1
+    if momentum is None:
+        weight = 1.0 / count.astype(state.mean.dtype)
+        return BatchNormState((state.mean + (mean - state.mean) * weight).astype(state.mean.dtype),
+                              (state.var + (var - state.var) * weight).astype(state.var.dtype),
+                              count)
     return BatchNormState(
         (momentum * state.mean + (1.0 - momentum) * mean).astype(state.mean.dtype),
         (momentum * state.var + (1.0 - momentum) * var).astype(state.var.dtype),
+        count,
     )

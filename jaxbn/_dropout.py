@@ -69,7 +69,8 @@ def dropout(key: jax.Array | None, x: jax.Array, *, rate: float, train: bool,
         key gives the same mask. May be ``None`` when ``train=False`` or ``rate == 0``.
       x: input, floating; the output keeps its dtype.
       rate: drop probability in [0, 1]. ``0`` is the identity; ``1`` gives zeros (and zero
-        gradients, never NaN).
+        gradients, never NaN). It may be a traced scalar under ``jit`` (a schedule); a concrete
+        value is range-checked, a traced one is taken as it comes.
       train: Python bool; ``False`` returns ``x`` unchanged.
       broadcast_dims: axes along which one mask value is shared, e.g. ``(2, 3)`` on NCHW
         features for channel-wise ("spatial") dropout.
@@ -85,48 +86,68 @@ def dropout(key: jax.Array | None, x: jax.Array, *, rate: float, train: bool,
       >>> y = jaxbn.dropout(jax.random.key(0), x, rate=0.5, train=True)
     """
     _checks.check_train(train)
-    rate = _checks.check_real("rate", rate, low=0.0, high=1.0)
+    traced = isinstance(rate, jax.core.Tracer)
+    if traced:
+        if rate.shape != () or not jnp.issubdtype(rate.dtype, jnp.floating):
+            raise TypeError(f"rate must be a scalar float; got a traced {rate.dtype} of shape "
+                            f"{tuple(rate.shape)}.")
+    else:
+        rate = _checks.check_real("rate", rate, low=0.0, high=1.0)
     x = _checks.check_float_array("x", x)
     dims = _check_broadcast_dims(broadcast_dims, x.ndim)
-    if not train or rate == 0.0:
+    if not train or (not traced and rate == 0.0):
         if key is not None and train:
             _check_key(key)
         return x
     _check_key(key)
-    if rate == 1.0:
+    if not traced and rate == 1.0:
         return jnp.zeros_like(x)
     mask_shape = tuple(1 if a in dims else n for a, n in enumerate(x.shape))
-    return _dropout_core(key, x, rate, mask_shape)
+    threshold, scale = _threshold_and_scale(rate, _checks.stat_dtype(x.dtype))
+    return _dropout_core(key, x, threshold, scale, mask_shape)
 
 
-def _keep_mask(key: jax.Array, rate: float, mask_shape: tuple[int, ...]) -> jax.Array:
-    """Keep where 32 random bits >= rate * 2^32: exact probability, no float conversion."""
-    threshold = np.uint32(min(round(rate * 2.0**32), 2**32 - 1))
+def _threshold_and_scale(rate: Any, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """Keep where 32 random bits >= rate * 2^32; kept values scaled by 1 / (1 - rate).
+
+    A concrete rate gets its threshold exactly (no float conversion on the device); a traced one
+    in float32, and rate 1 a scale of 0, so that its outputs and gradients are 0, never NaN.
+    """
+    if not isinstance(rate, jax.core.Tracer):
+        threshold = np.uint32(min(round(rate * 2.0**32), 2**32 - 1))
+        return jnp.asarray(threshold), jnp.asarray(1.0 / (1.0 - rate), dtype)
+    threshold = jnp.minimum(jnp.round(rate.astype(jnp.float32) * 2.0**32), 2.0**32 - 256)
+    safe = jnp.where(rate < 1, 1.0 - rate, 1.0).astype(dtype)
+    return threshold.astype(jnp.uint32), jnp.where(rate < 1, 1.0 / safe, 0.0).astype(dtype)
+
+
+def _keep_mask(key: jax.Array, threshold: jax.Array, mask_shape: tuple[int, ...]) -> jax.Array:
     return jax.random.bits(key, mask_shape, jnp.uint32) >= threshold
 
 
-def _apply_mask(a: jax.Array, keep: jax.Array, rate: float) -> jax.Array:
+def _apply_mask(a: jax.Array, keep: jax.Array, scale: jax.Array) -> jax.Array:
     # The scaling happens in float32 (or wider) so that bfloat16 inputs are rounded once.
-    dtype = _checks.stat_dtype(a.dtype)
-    return jnp.where(keep, a.astype(dtype) * (1.0 / (1.0 - rate)), 0).astype(a.dtype)
+    return jnp.where(keep, a.astype(scale.dtype) * scale, 0).astype(a.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _dropout_core(key, x, rate, mask_shape):
-    return _apply_mask(x, _keep_mask(key, rate, mask_shape), rate)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _dropout_core(key, x, threshold, scale, mask_shape):
+    return _apply_mask(x, _keep_mask(key, threshold, mask_shape), scale)
 
 
-def _dropout_core_fwd(key, x, rate, mask_shape):
-    keep = _keep_mask(key, rate, mask_shape)
+def _dropout_core_fwd(key, x, threshold, scale, mask_shape):
+    keep = _keep_mask(key, threshold, mask_shape)
     # Residual: the mask packed 8 elements to a byte (1 bit per element).
-    return _apply_mask(x, keep, rate), jnp.packbits(keep.reshape(-1))
+    return _apply_mask(x, keep, scale), (jnp.packbits(keep.reshape(-1)), scale)
 
 
-def _dropout_core_bwd(rate, mask_shape, packed_mask, dy):
-    """``y = x * m / (1 - rate)`` is linear in x, so ``dx = dy * m / (1 - rate)``; no key gradient."""
+def _dropout_core_bwd(mask_shape, residuals, dy):
+    """``y = x * m * scale`` is linear in x, so ``dx = dy * m * scale``, ``scale = 1/(1 - rate)``;
+    no gradient for the key, the threshold or the rate."""
+    packed_mask, scale = residuals
     size = int(np.prod(mask_shape))
     keep = jnp.unpackbits(packed_mask, count=size).reshape(mask_shape).astype(bool)
-    return None, _apply_mask(dy, keep, rate)
+    return None, _apply_mask(dy, keep, scale), None, jnp.zeros_like(scale)
 
 
 _dropout_core.defvjp(_dropout_core_fwd, _dropout_core_bwd)

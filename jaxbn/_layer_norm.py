@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from jaxbn import _checks, _layout
-from jaxbn._batch_norm import check_param
+from jaxbn._batch_norm import _affine_params
 from jaxbn._layout import check_image_layout
 from jaxbn._normalize import BACKWARDS, Config, normalize
 
@@ -15,9 +16,10 @@ def _check_common(eps, backward):
     return _checks.check_real("eps", eps, low=0.0, low_open=True)
 
 
-def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: float = 1e-5,
-               backward: str = "alt") -> jax.Array:
-    r"""Layer normalization: each example normalized over its last axis.
+def layer_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None, *,
+               eps: float = 1e-5, backward: str = "alt", normalized_ndim: int = 1,
+               mask: jax.Array | None = None) -> jax.Array:
+    r"""Layer normalization: each example normalized over its last axis (or last few).
 
     .. math::
 
@@ -27,15 +29,20 @@ def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: float = 
     Train and test are the same computation (no batch statistics, no state).
 
     Shapes: ``N`` batch (any number of leading axes, or none), ``D`` features; ``x`` is
-    ``(..., D)``, ``gamma`` and ``beta`` are ``(D,)``.
+    ``(..., D)``, ``gamma`` and ``beta`` are ``(D,)``; with ``normalized_ndim=k`` the statistics
+    and the parameters cover the last ``k`` axes (PyTorch's ``normalized_shape``).
 
     Args:
       x: input of rank >= 1, floating; statistics in float32 for bfloat16/float16 input.
-      gamma: scale, ``(D,)``.
-      beta: shift, ``(D,)``.
+      gamma: scale, ``x.shape[-normalized_ndim:]``; None for no scale.
+      beta: shift, the same shape; None for no shift.
       eps: added to the variance, > 0.
       backward: ``"alt"`` (default, the hand-written closed-form ``custom_vjp``), ``"graph"`` (the
         staged hand-written rule) or ``"autodiff"`` (the naive forward, supports ``jax.jvp``).
+      normalized_ndim: how many trailing axes to normalize over (default 1).
+      mask: boolean, broadcastable to ``x``: only ``True`` entries enter each example's
+        statistics; ``False`` entries are padding (output and gradient 0, whatever they hold).
+        With a mask, ``backward`` is ``"alt"`` or ``"autodiff"``.
 
     Returns:
       ``y`` of ``x``'s shape and dtype.
@@ -46,26 +53,43 @@ def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: float = 
     """
     eps = _check_common(eps, backward)
     x = _checks.check_float_array("x", x)
-    _checks.check_ndim("x", x, min_ndim=1, what="features on the last axis")
-    lay = _layout.layout(x.shape, "layer")
-    return _apply(x, gamma, beta, lay, eps, backward)
+    k = _checks.check_positive_int("normalized_ndim", normalized_ndim)
+    _checks.check_ndim("x", x, min_ndim=k, what=f"{k} normalized trailing axes")
+    lay = _layout.layout(x.shape, "layer", num_axes=k)
+    return _apply(x, gamma, beta, lay, eps, backward, mask)
 
 
 def prepare(x, gamma, beta, lay, eps, backward):
     """Checks the parameters against the layout; returns the core's inputs in its view."""
-    gamma = check_param("gamma", gamma, lay)
-    beta = check_param("beta", beta, lay).astype(gamma.dtype)
+    gamma, beta = _affine_params(gamma, beta, lay, x.dtype)
     config = Config(stat_axes=lay.stat_axes, eps=eps, backward=backward)
-    return (x.reshape(lay.view), gamma.reshape(lay.param_view), beta.reshape(lay.param_view),
-            config)
+    return x.reshape(lay.view), gamma, beta, config
 
 
-def _apply(x, gamma, beta, lay, eps, backward):
-    return normalize(*prepare(x, gamma, beta, lay, eps, backward))[0].reshape(lay.shape)
+def _check_mask(mask, lay):
+    """A boolean mask broadcastable to x, in the layout's view."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"mask must be a boolean array (True = valid entry); got dtype "
+                        f"{mask.dtype}.")
+    try:
+        full = jnp.broadcast_to(mask, lay.shape)
+    except ValueError:
+        raise ValueError(f"mask must broadcast to x's shape {lay.shape}; got shape "
+                         f"{tuple(mask.shape)}.") from None
+    return full.reshape(lay.view)
 
 
-def group_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, groups: int,
-               eps: float = 1e-5, layout: str = "NCHW", backward: str = "alt") -> jax.Array:
+def _apply(x, gamma, beta, lay, eps, backward, mask=None):
+    mask = _check_mask(mask, lay)
+    return normalize(*prepare(x, gamma, beta, lay, eps, backward), mask)[0].reshape(lay.shape)
+
+
+def group_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None, *, groups: int,
+               eps: float = 1e-5, layout: str = "NCHW", backward: str = "alt",
+               mask: jax.Array | None = None) -> jax.Array:
     r"""Group normalization of image data: each example's channels split into ``groups``.
 
     The default layout is ``"NCHW"``; for Flax/Equinox-style ``(N, H, W, C)`` data pass
@@ -77,16 +101,18 @@ def group_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, groups: int,
     shifted per channel. ``groups=1`` is layer norm over (C, H, W); ``groups=C`` is instance norm.
 
     Shapes: ``N`` batch, ``C`` channels, ``H, W`` height and width, ``G`` groups; ``x`` is
-    ``(N, C, H, W)`` (``layout="NCHW"``) or ``(N, H, W, C)`` (``"NHWC"``); ``gamma``/``beta`` ``(C,)``.
+    ``(N, C, H, W)`` (``layout="NCHW"``) or ``(N, H, W, C)`` (``"NHWC"``), or the 1-D/3-D forms
+    ``"NCW"``/``"NWC"``/``"NCDHW"``/``"NDHWC"``; ``gamma``/``beta`` ``(C,)``.
 
     Args:
-      x: rank-4 input, floating.
-      gamma: per-channel scale, ``(C,)``.
-      beta: per-channel shift, ``(C,)``.
+      x: input of the layout's rank, floating.
+      gamma: per-channel scale, ``(C,)``; None for no scale.
+      beta: per-channel shift, ``(C,)``; None for no shift.
       groups: number of groups ``G``, a positive divisor of ``C``.
       eps: added to the variance, > 0.
-      layout: ``"NCHW"`` or ``"NHWC"``.
+      layout: ``"NCHW"`` or ``"NHWC"`` (or a 1-D/3-D layout as above).
       backward: as in :func:`layer_norm`.
+      mask: as in :func:`layer_norm` (broadcastable to ``x``).
 
     Returns:
       ``y`` of ``x``'s shape and dtype.
@@ -107,4 +133,8 @@ def group_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, groups: int,
     # Splitting the channel axis in two is a free reshape (no copy); the statistics then reduce
     # over (channels in group, H, W) in place.
     lay = _layout.layout(x.shape, "group", image_layout=layout, groups=groups)
-    return _apply(x, gamma, beta, lay, eps, backward)
+    if lay.count < 2:
+        raise ValueError(f"each group must hold at least 2 values per example (the variance of "
+                         f"one value is 0); got {lay.count} with groups={groups} on x of shape "
+                         f"{tuple(x.shape)}, layout={layout!r}. Use fewer groups.")
+    return _apply(x, gamma, beta, lay, eps, backward, mask)

@@ -131,3 +131,20 @@ def check_image_layout(name: str, image_layout: Any, shape: tuple[int, ...],
                + "." if same_rank else "")
         raise ValueError(f"x must have {len(image_layout)} dimensions for layout "
                          f"{image_layout!r}; got shape {tuple(shape)}.{fix}")
+
+
+def check_virtual_batch_size(virtual_batch_size: Any, shape: tuple[int, ...],
+                             feature_axis: int) -> int | None:
+    """A positive int that divides the batch (axis 0, which must not be the feature axis)."""
+    if virtual_batch_size is None:
+        return None
+    if (isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, (int, np.integer))
+            or virtual_batch_size < 1):
+        raise ValueError(f"virtual_batch_size must be a positive int; got {virtual_batch_size!r}.")
+    if feature_axis == 0:
+        raise ValueError("virtual_batch_size splits the batch axis 0, but axis 0 is the feature "
+                         "axis here; put the batch first.")
+    if shape[0] % virtual_batch_size:
+        raise ValueError(f"virtual_batch_size must divide the batch of {shape[0]} examples (axis "
+                         f"0 of x, shape {tuple(shape)}); got {virtual_batch_size}.")
+    return int(virtual_batch_size)

@@ -24,16 +24,31 @@ BACKWARDS = ("alt", "graph", "autodiff")
 SPLIT_BACKWARDS = ("alt", "autodiff")
 
 
+class AxisGroups(NamedTuple):
+    """A mapped axis split into device subgroups (``lax.psum``'s ``axis_index_groups``): each
+    subgroup is one batch of its own (as Flax's and Haiku's batch norm do)."""
+
+    name: Any
+    groups: tuple[tuple[int, ...], ...]
+
+
+def psum(a: Any, axis_name: Any) -> Any:
+    """``lax.psum`` over ``axis_name``, a name, a tuple of names or :class:`AxisGroups`."""
+    if isinstance(axis_name, AxisGroups):
+        return jax.lax.psum(a, axis_name.name, axis_index_groups=axis_name.groups)
+    return jax.lax.psum(a, axis_name)
+
+
 def _sum(a: jax.Array, axes: tuple[int, ...], axis_name: Any = None) -> jax.Array:
     total = jnp.sum(a, axis=axes, keepdims=True)
-    return total if axis_name is None else jax.lax.psum(total, axis_name)
+    return total if axis_name is None else psum(total, axis_name)
 
 
 def _count(shape: tuple[int, ...], axes: tuple[int, ...], axis_name: Any = None) -> Any:
     count = 1
     for a in axes:
         count *= shape[a]
-    return count if axis_name is None else count * jax.lax.psum(1, axis_name)
+    return count if axis_name is None else count * psum(1, axis_name)
 
 
 class Config(NamedTuple):
@@ -126,13 +141,25 @@ def _varying_axes(a: jax.Array) -> frozenset:
     return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
-def _statistics(x: jax.Array, config: Config, dtype: Any) -> tuple[jax.Array, jax.Array]:
+def statistics(x: jax.Array, config: Config,
+               dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Batch ``(mean, var, inv_std)`` over ``config.stat_axes`` in ``dtype``, reduced axes kept."""
     xs = x.astype(dtype)
     count = _count(x.shape, config.stat_axes, config.axis_name)
     mean = _sum(xs, config.stat_axes, config.axis_name) / count
     # Two passes: E[(x - mean)^2] does not cancel when |mean| >> std, unlike E[x^2] - mean^2.
     var = _sum(jnp.square(xs - mean), config.stat_axes, config.axis_name) / count
-    return mean, var
+    return mean, var, jax.lax.rsqrt(var + config.eps)
+
+
+def scale_shift(x: jax.Array, mean: jax.Array, inv_std: jax.Array, gamma: jax.Array,
+                beta: jax.Array) -> jax.Array:
+    """``gamma * (x - mean) * inv_std + beta`` in the statistics' dtype, returned in x's."""
+    dtype = mean.dtype
+    # (mean - x), not (x - mean): XLA would merge an identical x - mean here with the one inside a
+    # reduction and write it to memory in full; a distinct expression keeps every pass fused.
+    y = (mean - x.astype(dtype)) * -(inv_std * gamma.astype(dtype)) + beta.astype(dtype)
+    return y.astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -141,13 +168,9 @@ def _normalize_core(x, gamma, beta, config):
 
 
 def _normalize_core_fwd(x, gamma, beta, config):
-    dtype = stat_dtype(x.dtype, gamma.dtype, beta.dtype)
-    mean, var = _statistics(x, config, dtype)
-    inv_std = jax.lax.rsqrt(var + config.eps)
-    # (mean - x), not (x - mean): XLA would merge an identical x - mean here with the one inside a
-    # reduction and write it to memory in full; a distinct expression keeps every pass fused.
-    y = (mean - x.astype(dtype)) * -(inv_std * gamma.astype(dtype)) + beta.astype(dtype)
-    return (y.astype(x.dtype), mean, var), Residuals(x, mean, inv_std, gamma)
+    mean, var, inv_std = statistics(x, config, stat_dtype(x.dtype, gamma.dtype, beta.dtype))
+    y = scale_shift(x, mean, inv_std, gamma, beta)
+    return (y, mean, var), Residuals(x, mean, inv_std, gamma)
 
 
 def _normalize_core_bwd(config, residuals, cotangents):
@@ -295,7 +318,9 @@ def _split_normalize(x, gamma, beta, config, mask):
     if mask is None:
         count = _count(x.shape, axes, axis_name)
     else:
-        mask = jnp.broadcast_to(mask, _unit_params(x.shape, gamma.shape))
+        # Batch norm's mask is constant along the features; layer/group norm's may vary anywhere.
+        unit = _unit_params(x.shape, gamma.shape)
+        mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, unit))
         count = _sum(mask.astype(dtype), axes, axis_name)
         x = jnp.where(mask, x, jnp.zeros((), x.dtype))
     safe_count = jnp.maximum(count, 1)
@@ -303,7 +328,7 @@ def _split_normalize(x, gamma, beta, config, mask):
     # The rules see the statistics as device-varying (see vary_like); the returned ones stay global.
     square_sum = _centered_square_sum(x, vary_like(mean, x), mask, axes)
     if axis_name is not None:
-        square_sum = jax.lax.psum(square_sum, axis_name)
+        square_sum = psum(square_sum, axis_name)
     var = square_sum / safe_count
     inv_std = jax.lax.rsqrt(var + config.eps)
     y = _affine_core(x, gamma, beta, vary_like(mean, x), vary_like(inv_std, x), axes)
@@ -313,7 +338,7 @@ def _split_normalize(x, gamma, beta, config, mask):
 
 
 def _unit_params(x_shape, param_shape):
-    """x's shape with size 1 where the parameters vary (the mask's full shape)."""
+    """x's shape with size 1 where the parameters vary (a batch norm mask's full shape)."""
     return tuple(1 if p != 1 else n for n, p in zip(x_shape, param_shape))
 
 

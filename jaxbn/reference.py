@@ -28,7 +28,13 @@ def _float_dtype(*dtypes: Any) -> Any:
 
 
 def _psum(a: jax.Array, axis_name: Any) -> jax.Array:
-    return a if axis_name is None else jax.lax.psum(a, axis_name)
+    """``psum`` over a mapped axis; ``axis_name`` may carry ``.name`` and ``.groups`` (device
+    subgroups, ``axis_index_groups``)."""
+    if axis_name is None:
+        return a
+    if hasattr(axis_name, "groups"):
+        return jax.lax.psum(a, axis_name.name, axis_index_groups=axis_name.groups)
+    return jax.lax.psum(a, axis_name)
 
 
 def normalize(x: jax.Array, gamma: jax.Array, beta: jax.Array, stat_axes: Sequence[int],
@@ -125,3 +131,23 @@ def dropout(key: jax.Array, x: jax.Array, *, rate: float) -> jax.Array:
         return jnp.zeros_like(x)
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def batch_renorm_train(x: jax.Array, gamma: jax.Array, beta: jax.Array, running_mean: jax.Array,
+                       running_var: jax.Array, *, r_max: float, d_max: float, axis: int = -1,
+                       eps: float = 1e-5) -> jax.Array:
+    """Batch renormalization in train mode, written from the paper: ``y = gamma * (x_hat * r +
+    d) + beta`` with ``r``, ``d`` clipped and held constant (``stop_gradient``)."""
+    axis = axis % x.ndim
+    shape = _feature_shape(x.ndim, axis, x.shape[axis])
+    stat_axes = tuple(a for a in range(x.ndim) if a != axis)
+    dtype = _float_dtype(x.dtype, gamma.dtype)
+    xs = x.astype(dtype)
+    mean = jnp.mean(xs, stat_axes, keepdims=True)
+    sigma = jnp.sqrt(jnp.mean(jnp.square(xs - mean), stat_axes, keepdims=True) + eps)
+    sigma_running = jnp.sqrt(running_var.reshape(shape).astype(dtype) + eps)
+    r = jax.lax.stop_gradient(jnp.clip(sigma / sigma_running, 1.0 / r_max, r_max))
+    d = jax.lax.stop_gradient(jnp.clip((mean - running_mean.reshape(shape)) / sigma_running,
+                                       -d_max, d_max))
+    y = gamma.reshape(shape) * ((xs - mean) / sigma * r + d) + beta.reshape(shape)
+    return y.astype(x.dtype)

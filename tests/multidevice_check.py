@@ -135,6 +135,30 @@ close(dg_p, dg_1, 1e-12, "pmap dgamma")
 close(new_p.mean[0], new_1.mean, 1e-12, "pmap running mean")
 close(new_p.var[0], new_1.var, 1e-12, "pmap running var")
 
+# axis_index_groups: devices 0-3 and 4-7 are two batches of their own, under pmap.
+groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def grouped_loss(g):
+    y, new = jax.pmap(lambda x, g: jaxbn.batch_norm(x, g, b3, state3, train=True,
+                                                    axis_name="devices",
+                                                    axis_index_groups=groups),
+                      axis_name="devices", in_axes=(0, None))(xs, g)
+    return jnp.sum(y * dys), (y, new)
+
+
+(_, (y_g, new_g)), dg_g = jax.value_and_grad(grouped_loss, has_aux=True)(g3)
+dg_halves = 0
+for half in range(2):
+    part = slice(4 * half, 4 * half + 4)
+    (y_h, new_h), pull = jax.vjp(lambda g: jaxbn.batch_norm(xs[part].reshape(16, 3), g, b3, state3,
+                                                            train=True), g3)
+    close(y_g[part].reshape(16, 3), y_h, 1e-12, f"axis_index_groups group {half} y")
+    close(new_g.mean[4 * half], new_h.mean, 1e-12, f"axis_index_groups group {half} mean")
+    dg_halves = dg_halves + pull((dys[part].reshape(16, 3), jax.tree.map(jnp.zeros_like,
+                                                                           new_h)))[0]
+close(dg_g, dg_halves, 1e-12, "axis_index_groups dgamma")
+
 # An unknown axis name inside shard_map is a clear error.
 bad = jax.shard_map(lambda x: jaxbn.batch_norm(x, g, b, state, train=True, axis_name="model")[0],
                     mesh=MESH, in_specs=P("data"), out_specs=P("data"))

@@ -156,11 +156,13 @@ def test_pytrees_in_and_out_and_aux_outputs():
 
     def f_ref(p, x):
         y, mean, var = reference.batch_norm_train(x, p["gamma"], p["beta"])
-        return {"y": y, "twice": 2 * y}, jaxbn.BatchNormState(0.1 * mean, 0.9 + 0.1 * var)
+        return {"y": y, "twice": 2 * y}, jaxbn.BatchNormState(0.1 * mean, 0.9 + 0.1 * var,
+                                                              jnp.ones((), jnp.int32))
 
     params = {"gamma": G, "beta": B}
     testing.check_vjp(f, f_ref, params, X, has_aux=True, compare_aux=True)
-    wrong = lambda p, x: (f_ref(p, x)[0], jaxbn.BatchNormState(0.2 * p["beta"], p["gamma"]))
+    wrong = lambda p, x: (f_ref(p, x)[0], jaxbn.BatchNormState(0.2 * p["beta"], p["gamma"],
+                                                               jnp.ones((), jnp.int32)))
     with pytest.raises(AssertionError, match=r"aux output\.mean differs"):
         testing.check_vjp(f, wrong, params, X, has_aux=True, compare_aux=True)
     flipped = lambda b: 2 * jax.lax.stop_gradient(b) - b  # same value, gradient -1

@@ -148,7 +148,7 @@ def _batchnorm(x, gamma, beta, bn_param, image_layout):
             x, g, b, state, lay, train=False, backward="alt", axis_name=None, mask=None,
             **options)[0], x, gamma, beta)
         cache = _NormCache(None, None, pullback, x.shape)
-    bn_param["running_mean"], bn_param["running_var"] = _np(*state)
+    bn_param["running_mean"], bn_param["running_var"] = _np(state.mean, state.var)
     return _np(out), cache
 
 

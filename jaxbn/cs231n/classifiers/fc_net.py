@@ -137,5 +137,5 @@ class FullyConnectedNet:
         (loss, new_state), grads = _loss_and_grads(params, state, X, jnp.asarray(y), key,
                                                    self.reg, train=True)
         for bn_param, bn in zip(self.bn_params, new_state.batch_norm):
-            bn_param["running_mean"], bn_param["running_var"] = _np(*bn)
+            bn_param["running_mean"], bn_param["running_var"] = _np(bn.mean, bn.var)
         return float(loss), {k: _np(v) for k, v in grads.items()}
