@@ -208,10 +208,7 @@ def check_mask(mask: Any, lay: Layout) -> jax.Array | None:
     """Returns the boolean mask shaped to broadcast against the layout's view of x."""
     if mask is None:
         return None
-    mask = jnp.asarray(mask)
-    if mask.dtype != jnp.bool_:
-        raise TypeError(f"mask must be a boolean array (True = valid entry); got dtype "
-                        f"{mask.dtype}.")
+    mask = _checks.check_bool_mask(mask)
     full = lay.mask_view(tuple(mask.shape))
     if full is None:
         expected = tuple(n for a, n in enumerate(lay.shape) if a != lay.feature_axis)

@@ -117,3 +117,12 @@ def check_real(name: str, value: Any, *, low: float, high: float | None = None,
 def stat_dtype(*dtypes: Any) -> jnp.dtype:
     """The dtype statistics are accumulated in: at least float32, float64 under x64 inputs."""
     return jnp.result_type(jnp.float32, *dtypes)
+
+
+def check_bool_mask(mask: Any) -> jax.Array:
+    """``mask`` as a boolean array (True = valid entry)."""
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"mask must be a boolean array (True = valid entry); got dtype "
+                        f"{mask.dtype}.")
+    return mask

@@ -70,10 +70,7 @@ def _check_mask(mask, lay):
     """A boolean mask broadcastable to x, in the layout's view."""
     if mask is None:
         return None
-    mask = jnp.asarray(mask)
-    if mask.dtype != jnp.bool_:
-        raise TypeError(f"mask must be a boolean array (True = valid entry); got dtype "
-                        f"{mask.dtype}.")
+    mask = _checks.check_bool_mask(mask)
     try:
         full = jnp.broadcast_to(mask, lay.shape)
     except ValueError:

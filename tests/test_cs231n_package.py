@@ -285,3 +285,16 @@ def test_the_timing_cell_measures_the_derivations_not_compilation():
     layers.batchnorm_backward(dout, cache)
     layers.batchnorm_backward_alt(dout, cache)
     assert {name: rule._cache_size() for name, rule in layers._RULES.items()} == sizes
+
+
+def test_grad_check_sparse_reports_small_errors_for_a_right_gradient_only(capsys):
+    from jaxbn.cs231n.gradient_check import grad_check_sparse
+
+    np.random.seed(0)
+    x = np.random.randn(4, 5)
+    f = lambda a: float(np.sum(a ** 3))
+    right = grad_check_sparse(f, x, 3 * x ** 2, num_checks=6)
+    wrong = grad_check_sparse(f, x, 2 * x ** 2, num_checks=6)
+    assert max(right) < 1e-8 and min(wrong) > 0.1
+    assert capsys.readouterr().out.count("relative error:") == 12
+    np.testing.assert_array_equal(x, np.random.RandomState(0).randn(4, 5))  # x restored

@@ -18,6 +18,17 @@ def rel_error(x, y):
     return np.max(np.abs(x - y) / (np.maximum(1e-8, np.abs(x) + np.abs(y))))
 
 
+def _plus_minus(evaluate, x, ix, h):
+    """``(evaluate(x + h e_ix), evaluate(x - h e_ix))``, ``x`` perturbed in place and restored."""
+    old = x[ix]
+    x[ix] = old + h
+    plus = evaluate(x)
+    x[ix] = old - h
+    minus = evaluate(x)
+    x[ix] = old
+    return plus, minus
+
+
 def _centered_differences(evaluate, x, h, combine, verbose=False):
     """Perturbs each entry of the numpy array ``x`` in place by +-h (restoring it) and stores
     ``combine(evaluate(x + h e_i), evaluate(x - h e_i)) / (2 h)``."""
@@ -25,13 +36,7 @@ def _centered_differences(evaluate, x, h, combine, verbose=False):
     it = np.nditer(x, flags=["multi_index"], op_flags=["readwrite"])
     while not it.finished:
         ix = it.multi_index
-        old = x[ix]
-        x[ix] = old + h
-        plus = evaluate(x)
-        x[ix] = old - h
-        minus = evaluate(x)
-        x[ix] = old
-        grad[ix] = combine(plus, minus) / (2 * h)
+        grad[ix] = combine(*_plus_minus(evaluate, x, ix, h)) / (2 * h)
         if verbose:
             print(ix, grad[ix])
         it.iternext()
@@ -60,12 +65,7 @@ def grad_check_sparse(f, x, analytic_grad, num_checks=10, h=1e-5):
     errors = []
     for _ in range(num_checks):
         ix = tuple(int(np.random.randint(n)) for n in x.shape)
-        old = x[ix]
-        x[ix] = old + h
-        plus = f(x)
-        x[ix] = old - h
-        minus = f(x)
-        x[ix] = old
+        plus, minus = _plus_minus(f, x, ix, h)
         numerical = (plus - minus) / (2 * h)
         analytic = analytic_grad[ix]
         error = abs(numerical - analytic) / max(abs(numerical) + abs(analytic), 1e-300)
