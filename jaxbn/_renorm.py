@@ -49,7 +49,15 @@ def check_renorm(renorm: Any, *, mask: Any, axis_name: Any, layout: Any):
 
 def renormalize(x, gamma, beta, running_mean, running_var, r_max, d_max, config: Config):
     """Returns ``(y, mean, var)`` like :func:`jaxbn._normalize.normalize`; every array but
-    ``r_max``/``d_max`` is already shaped to broadcast against ``x``."""
+    ``r_max``/``d_max`` is already shaped to broadcast against ``x``.
+
+    ``backward="autodiff"`` differentiates the forward below with JAX (``r``, ``d`` behind
+    ``stop_gradient``); ``"alt"``/``"graph"`` run the hand-written rule.
+    """
+    if config.backward == "autodiff":
+        (y, mean, var), _ = _forward(x, gamma, beta, running_mean, running_var, r_max, d_max,
+                                     config, jax.lax.stop_gradient)
+        return y, mean, var
     return _reverse_mode_only(_renorm_core, x, gamma, beta, running_mean, running_var, r_max,
                               d_max, config)
 
@@ -60,12 +68,19 @@ def _renorm_core(x, gamma, beta, running_mean, running_var, r_max, d_max, config
 
 
 def _renorm_core_fwd(x, gamma, beta, running_mean, running_var, r_max, d_max, config):
+    return _forward(x, gamma, beta, running_mean, running_var, r_max, d_max, config,
+                    lambda a: a)
+
+
+def _forward(x, gamma, beta, running_mean, running_var, r_max, d_max, config, hold):
+    """``((y, mean, var), residuals)``; ``hold`` is applied to ``r`` and ``d`` (stop_gradient for
+    JAX's own differentiation; the hand-written rule treats them as constants anyway)."""
     dtype = stat_dtype(x.dtype, gamma.dtype, beta.dtype)
     mean, var, inv_std = statistics(x, config, dtype)
     inv_sigma_running = jax.lax.rsqrt(running_var.astype(dtype) + config.eps)
     r_max, d_max = r_max.astype(dtype), d_max.astype(dtype)
-    r = jnp.clip(inv_sigma_running / inv_std, 1.0 / r_max, r_max)
-    d = jnp.clip((mean - running_mean.astype(dtype)) * inv_sigma_running, -d_max, d_max)
+    r = hold(jnp.clip(inv_sigma_running / inv_std, 1.0 / r_max, r_max))
+    d = hold(jnp.clip((mean - running_mean.astype(dtype)) * inv_sigma_running, -d_max, d_max))
     # y = gamma * (x_hat * r + d) + beta = (gamma r) x_hat + (gamma d + beta): batch norm with
     # an effective scale and shift, so the core's forward and backward serve unchanged.
     gamma32 = gamma.astype(dtype)

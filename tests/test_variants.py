@@ -140,7 +140,7 @@ def _renorm_args(dtype=jnp.float64):
     return x, *_params(D, dtype), jaxbn.BatchNormState(*running)
 
 
-@pytest.mark.parametrize("backward", ["alt", "graph"])
+@pytest.mark.parametrize("backward", ["alt", "graph", "autodiff"])
 def test_renorm_vjp_matches_the_naive_forward(backward):
     x, gamma, beta, state = _renorm_args()
     renorm = dict(r_max=1.5, d_max=0.5)
@@ -399,3 +399,15 @@ def test_fold_validates_its_arguments():
         jaxbn.fold_batch_norm(jnp.ones((2, 3)), None, jnp.ones(2), None, state)
     with pytest.raises(ValueError, match="4-D OIHW kernel"):
         jaxbn.fold_batch_norm(jnp.ones((2, 3)), None, None, None, state, kernel_layout="OIHW")
+
+
+def test_renorm_with_autodiff_is_the_naive_forward_and_supports_jvp():
+    x, gamma, beta, state = _renorm_args()
+    renorm = dict(r_max=1.5, d_max=0.5)
+    fn = lambda x: jaxbn.batch_norm(x, gamma, beta, state, train=True, renorm=renorm,
+                                    backward="autodiff")[0]
+    ref = lambda x: reference.batch_renorm_train(x, gamma, beta, state.mean, state.var,
+                                                 r_max=1.5, d_max=0.5)
+    t = rand(9, x.shape)
+    np.testing.assert_allclose(jax.jvp(fn, (x,), (t,))[1], jax.jvp(ref, (x,), (t,))[1],
+                               rtol=1e-12, atol=1e-12)
