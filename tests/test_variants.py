@@ -4,6 +4,8 @@ layer/group norm, a traced dropout rate)."""
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,7 +51,10 @@ def test_running_statistics_reproduce_pytorch_over_several_steps(torch_momentum)
 
 
 def test_reproduces_pytorch_itself_when_installed():
-    torch = pytest.importorskip("torch")
+    if os.environ.get("JAXBN_REQUIRE_TORCH"):  # CI's second job installs torch==2.13.0
+        import torch
+    else:
+        torch = pytest.importorskip("torch")
     bn = torch.nn.BatchNorm2d(3, momentum=0.2).double()
     gamma, beta, state = torch_compat.from_state_dict(bn.state_dict())
     state = jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, state)
