@@ -59,7 +59,7 @@ def test_reproduces_pytorch_itself_when_installed():
     gamma, beta, state = torch_compat.from_state_dict(bn.state_dict())
     state = jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, state)
     for i in range(3):
-        x = np.asarray(rand(i, (4, 3, 5, 5), scale=2, offset=i))
+        x = np.array(rand(i, (4, 3, 5, 5), scale=2, offset=i))  # writable, as torch wants
         y_torch = bn(torch.from_numpy(x)).detach().numpy()
         y, state = jaxbn.spatial_batch_norm(jnp.asarray(x), gamma.astype(jnp.float64),
                                             beta.astype(jnp.float64), state, train=True,
