@@ -41,6 +41,7 @@ import numpy as np
 import jaxbn
 from jaxbn import reference
 from jaxbn._layout import layout as layout_of
+from experiments import adapters
 from experiments.timing import interleaved_times
 
 SHAPES = [((4096, 1024), "NC"), ((65536, 64), "NC"), ((512, 8192), "NC"),
@@ -171,8 +172,7 @@ def bench_batch_norm(shape, layout, dtype, repeats) -> dict:
 def _dropout_regenerate_forward(key, rate):
     """The alternative design, for comparison: no residual, the mask regenerated from the key."""
     scale = 1.0 / (1.0 - rate)
-    threshold = np.uint32(round(rate * 2.0**32))
-    keep = lambda shape: jax.random.bits(key, shape, jnp.uint32) >= threshold
+    keep = lambda shape: jax.random.bernoulli(key, 1.0 - rate, shape)
 
     @jax.custom_vjp
     def f(x):
@@ -267,6 +267,7 @@ def print_tables(result) -> None:
                           if k in r["residual_bytes"] else f"{k} {v * 1e3:.3f} ms"
                           for k, v in r["seconds"].items())
         print(f"  {'x'.join(map(str, r['shape']))}: {cells}")
+    adapters.print_table(result["adapters"])
     if result["missing"]:
         print(f"\nnot measured (not installed; pip install -e '.[bench]'): "
               f"{', '.join(result['missing'])}")
@@ -287,12 +288,15 @@ def main(argv=None) -> dict:
         bn_rows.append(bench_batch_norm(BF16_SHAPE[0], BF16_SHAPE[1], jnp.bfloat16, repeats))
     dropout_rows = [bench_dropout(s, repeats) for s in
                     ([(256, 256)] if args.quick else DROPOUT_SHAPES)]
+    adapter_rows = adapters.bench_adapters(repeats, (8, 8, 8, 16) if args.quick
+                                           else adapters.LAYER_SHAPE)
     missing = [m for m in ("flax", "torch") if m not in bn_rows[0]["seconds"]]
     result = {"date": datetime.date.today().isoformat(),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s), "
                          f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
               "command": "python -m experiments.benchmark" + (" --quick" if args.quick else ""),
               "jax": jax.__version__, "batch_norm": bn_rows, "dropout": dropout_rows,
+              "adapters": adapter_rows,
               "summary": summarize(bn_rows), "missing": missing}
     print_tables(result)
     os.makedirs(args.out, exist_ok=True)

@@ -103,26 +103,25 @@ def dropout(key: jax.Array | None, x: jax.Array, *, rate: float, train: bool,
     if not traced and rate == 1.0:
         return jnp.zeros_like(x)
     mask_shape = tuple(1 if a in dims else n for a, n in enumerate(x.shape))
-    threshold, scale = _threshold_and_scale(rate, _checks.stat_dtype(x.dtype))
-    return _dropout_core(key, x, threshold, scale, mask_shape)
+    keep_prob, scale = _keep_prob_and_scale(rate, _checks.stat_dtype(x.dtype))
+    return _dropout_core(key, x, keep_prob, scale, mask_shape)
 
 
-def _threshold_and_scale(rate: Any, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """Keep where 32 random bits >= rate * 2^32; kept values scaled by 1 / (1 - rate).
+def _keep_prob_and_scale(rate: Any, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """The keep probability in JAX's default float dtype, and the scale ``1 / (1 - rate)``.
 
-    A concrete rate gets its threshold exactly (no float conversion on the device); a traced one
-    in float32, and rate 1 a scale of 0, so that its outputs and gradients are 0, never NaN.
+    The keep probability is what ``jax.random.bernoulli(key, 1.0 - rate)`` compares against, so
+    the same key drops the same elements as Flax's and Equinox's dropout. Rate 1 gets a scale of
+    0 (a traced rate may reach it), so that its outputs and gradients are 0, never NaN.
     """
     if not isinstance(rate, jax.core.Tracer):
-        threshold = np.uint32(min(round(rate * 2.0**32), 2**32 - 1))
-        return jnp.asarray(threshold), jnp.asarray(1.0 / (1.0 - rate), dtype)
-    threshold = jnp.minimum(jnp.round(rate.astype(jnp.float32) * 2.0**32), 2.0**32 - 256)
+        return jnp.asarray(1.0 - rate), jnp.asarray(1.0 / (1.0 - rate), dtype)
     safe = jnp.where(rate < 1, 1.0 - rate, 1.0).astype(dtype)
-    return threshold.astype(jnp.uint32), jnp.where(rate < 1, 1.0 / safe, 0.0).astype(dtype)
+    return 1.0 - rate, jnp.where(rate < 1, 1.0 / safe, 0.0).astype(dtype)
 
 
-def _keep_mask(key: jax.Array, threshold: jax.Array, mask_shape: tuple[int, ...]) -> jax.Array:
-    return jax.random.bits(key, mask_shape, jnp.uint32) >= threshold
+def _keep_mask(key: jax.Array, keep_prob: jax.Array, mask_shape: tuple[int, ...]) -> jax.Array:
+    return jax.random.bernoulli(key, keep_prob, mask_shape)
 
 
 def _apply_mask(a: jax.Array, keep: jax.Array, scale: jax.Array) -> jax.Array:
@@ -131,19 +130,19 @@ def _apply_mask(a: jax.Array, keep: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _dropout_core(key, x, threshold, scale, mask_shape):
-    return _apply_mask(x, _keep_mask(key, threshold, mask_shape), scale)
+def _dropout_core(key, x, keep_prob, scale, mask_shape):
+    return _apply_mask(x, _keep_mask(key, keep_prob, mask_shape), scale)
 
 
-def _dropout_core_fwd(key, x, threshold, scale, mask_shape):
-    keep = _keep_mask(key, threshold, mask_shape)
+def _dropout_core_fwd(key, x, keep_prob, scale, mask_shape):
+    keep = _keep_mask(key, keep_prob, mask_shape)
     # Residual: the mask packed 8 elements to a byte (1 bit per element).
     return _apply_mask(x, keep, scale), (jnp.packbits(keep.reshape(-1)), scale)
 
 
 def _dropout_core_bwd(mask_shape, residuals, dy):
     """``y = x * m * scale`` is linear in x, so ``dx = dy * m * scale``, ``scale = 1/(1 - rate)``;
-    no gradient for the key, the threshold or the rate."""
+    no gradient for the key, the keep probability or the rate."""
     packed_mask, scale = residuals
     size = int(np.prod(mask_shape))
     keep = jnp.unpackbits(packed_mask, count=size).reshape(mask_shape).astype(bool)

@@ -118,6 +118,12 @@ def test_benchmark_quick_writes_a_table_and_json(tmp_path, capsys):
     for row in saved["dropout"]:
         elements = row["x_bytes"] / 4
         assert row["residual_bytes"]["jaxbn (packed mask)"] <= elements / 8 + 16
+    # The adapters' batch norm keeps one x-sized array; each framework's own layer keeps more.
+    assert {r["framework"] for r in saved["adapters"]} == {"flax.nnx", "flax.linen", "equinox"}
+    assert "framework adapters" in printed
+    for row in saved["adapters"]:
+        res = row["residual_bytes"]
+        assert res["jaxbn"] <= 1.05 * row["x_bytes"] < 1.5 * row["x_bytes"] <= res["framework"]
 
 
 def test_report_formats_settings_for_people():

@@ -1,0 +1,147 @@
+"""Equinox layers computed by jaxbn: ``BatchNorm``, ``LayerNorm``, ``GroupNorm``, ``Dropout``.
+
+Each is a subclass of the ``equinox.nn`` layer of the same name, with its fields, constructor
+arguments and call convention: per-example calls, ``(out, state)`` with ``eqx.nn.State``
+(``eqx.nn.make_with_state``), and for ``BatchNorm`` a ``jax.vmap``/``eqx.filter_vmap`` with a
+matching ``axis_name`` around the call. Replacing ``eqx.nn.BatchNorm(..., mode="batch")`` by
+``jaxbn.equinox.BatchNorm(...)`` changes no other line; the model's leaves, and so its
+serialised checkpoints, are the same. ``backward`` is an extra keyword-only option (see
+:func:`jaxbn.batch_norm`). Install with ``pip install 'jaxbn[equinox]'``.
+
+Differences from Equinox, on purpose:
+  * ``BatchNorm`` implements ``mode="batch"`` (the default here): training normalizes with the
+    batch statistics, as the paper, PyTorch and Flax do. Equinox's ``mode="ema"`` (its legacy
+    default) normalizes training batches with the running averages instead; it raises here.
+  * Inference debiasing. Equinox keeps ``hidden = momentum * hidden + (1 - momentum) * batch``
+    from ``hidden_mean = 0``, ``hidden_var = 1`` and reads ``hidden / (1 - momentum**t)`` after
+    ``t`` batches. That divides the initial 1 of the variance too: after one batch with
+    momentum 0.99 the variance it normalizes with is ``99 + var`` (equinox issue #659 and
+    follow-ups). Here the state is the same, and the read-out removes the initial value's share:
+    ``var = (hidden_var - momentum**t) / (1 - momentum**t)``, exactly the normalized weighted
+    average of the batch variances seen (the mean is unchanged, its initial value being 0).
+  * ``Dropout`` with ``p=1`` gives zero outputs *and* zero gradients (Equinox's are NaN).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from jaxbn import _adapter
+from jaxbn._batch_norm import BatchNormState, batch_norm
+from jaxbn._dropout import dropout
+from jaxbn._layer_norm import group_norm, layer_norm
+
+eqx = _adapter.require("equinox", "equinox")
+
+__all__ = ["BatchNorm", "Dropout", "GroupNorm", "LayerNorm", "debiased_statistics"]
+
+_sentinel = object()
+
+
+def _with_state(out, state):
+    return out if state is _sentinel else (out, state)
+
+
+def debiased_statistics(hidden_mean, hidden_var, count, momentum):
+    r"""The running statistics an Equinox ``mode="batch"`` state stands for.
+
+    With ``w = momentum ** count`` and the initial values 0 (mean) and 1 (variance),
+    ``hidden = w * initial + (1 - momentum) * sum_k momentum**(count - k) * batch_k``, so the
+    normalized average of the batches is ``(hidden - w * initial) / (1 - w)``. Before any batch
+    (``count == 0``) it is the initial ``(0, 1)``.
+    """
+    w = jnp.asarray(momentum, hidden_mean.dtype) ** count
+    seen = count > 0
+    denominator = jnp.where(seen, 1 - w, 1)
+    mean = jnp.where(seen, hidden_mean / denominator, hidden_mean)
+    var = jnp.where(seen, (hidden_var - w) / denominator, hidden_var)
+    return mean, var
+
+
+class BatchNorm(eqx.nn.BatchNorm):
+    """``equinox.nn.BatchNorm`` (``mode="batch"``) with jaxbn's computation: see the module
+    docstring. ``x`` is one example, ``(input_size, *spatial)``, under a vmap named
+    ``axis_name``."""
+
+    backward: str = eqx.field(static=True)
+
+    def __init__(self, input_size: int, axis_name: Any, eps: float = 1e-5,
+                 channelwise_affine: bool = True, momentum: float = 0.99,
+                 inference: bool = False, dtype=None, mode: str = "batch", *,
+                 backward: str = "alt"):
+        if mode != "batch":
+            raise ValueError(f"jaxbn.equinox.BatchNorm implements mode='batch' (training "
+                             f"normalizes with the batch statistics); got mode={mode!r}. "
+                             f"Equinox's 'ema'/'legacy' mode normalizes training batches with "
+                             f"the running averages: use eqx.nn.BatchNorm for it.")
+        super().__init__(input_size, axis_name, eps, channelwise_affine, momentum, inference,
+                         dtype, mode)
+        self.backward = backward
+
+    def __call__(self, x, state, *, key=None, inference: bool | None = None):
+        frozen = _adapter.choose("inference", inference, self.inference, "pass inference=...")
+        count = state.get(self.batch_counter)
+        hidden = state.get(self.batch_state_index)
+        stats = debiased_statistics(*hidden, count, self.momentum) if frozen else hidden
+        y, new = batch_norm(x[None], self.weight, self.bias, BatchNormState(*stats),
+                            train=not frozen, momentum=self.momentum, eps=self.eps, axis=1,
+                            axis_name=self.axis_name, backward=self.backward)
+        if not frozen:
+            state = state.set(self.batch_counter, count + 1)
+            state = state.set(self.batch_state_index,
+                              (new.mean.astype(hidden[0].dtype), new.var.astype(hidden[1].dtype)))
+        return y[0], state
+
+
+class LayerNorm(eqx.nn.LayerNorm):
+    """``equinox.nn.LayerNorm`` with jaxbn's computation over all of ``x`` (shape ``shape``)."""
+
+    backward: str = eqx.field(static=True)
+
+    def __init__(self, shape, eps: float = 1e-5, use_weight: bool = True, use_bias: bool = True,
+                 dtype=None, *, elementwise_affine: bool | None = None, backward: str = "alt"):
+        super().__init__(shape, eps, use_weight, use_bias, dtype,
+                         elementwise_affine=elementwise_affine)
+        self.backward = backward
+
+    def __call__(self, x, state=_sentinel, *, key=None):
+        if x.shape != self.shape:
+            raise ValueError(f"LayerNorm(shape)(x) needs x.shape == shape: got shape="
+                             f"{self.shape} and x.shape={x.shape}. For a batch, call it under "
+                             f"jax.vmap.")
+        out = layer_norm(x, self.weight, self.bias, eps=self.eps, backward=self.backward,
+                         normalized_ndim=max(len(self.shape), 1))
+        return _with_state(out, state)
+
+
+class GroupNorm(eqx.nn.GroupNorm):
+    """``equinox.nn.GroupNorm`` with jaxbn's computation; ``x`` is ``(channels, *spatial)``."""
+
+    backward: str = eqx.field(static=True)
+
+    def __init__(self, groups: int, channels: int | None = None, eps: float = 1e-5,
+                 channelwise_affine: bool = True, dtype=None, *, backward: str = "alt"):
+        super().__init__(groups, channels, eps, channelwise_affine, dtype)
+        self.backward = backward
+
+    def __call__(self, x, state=_sentinel, *, key=None):
+        view = (1, x.shape[0], -1)  # one example, its channels, its positions (a free reshape)
+        out = group_norm(x.reshape(view), self.weight, self.bias, groups=self.groups,
+                         eps=self.eps, layout="NCW", backward=self.backward)
+        return _with_state(out.reshape(x.shape), state)
+
+
+class Dropout(eqx.nn.Dropout):
+    """``equinox.nn.Dropout`` on :func:`jaxbn.dropout`: the same key gives the same mask."""
+
+    def __call__(self, x, *, key=None, inference: bool | None = None,
+                 deterministic: bool | None = None):
+        frozen = _adapter.choose("inference", inference if deterministic is None
+                                 else deterministic, self.inference, "pass inference=...")
+        if frozen:
+            return x
+        if key is None and not (isinstance(self.p, (int, float)) and self.p == 0):
+            raise RuntimeError("Dropout requires a key when running in non-deterministic mode.")
+        return dropout(key, x, rate=self.p, train=True)

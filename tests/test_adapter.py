@@ -1,0 +1,69 @@
+"""The framework adapters' shared seam: optional imports and the translation of Flax's
+conventions (axes, masks) into jaxbn's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from jaxbn import _adapter
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_import_jaxbn_imports_no_framework():
+    done = _run("import sys, jaxbn, jaxbn.testing, jaxbn.cs231n\n"
+                "print(sorted(m for m in ('flax', 'equinox') if m in sys.modules))")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("module, blocked, extra", [
+    ("jaxbn.flax.nnx", "flax", "flax"),
+    ("jaxbn.flax.linen", "flax", "flax"),
+    ("jaxbn.equinox", "equinox", "equinox"),
+], ids=["nnx", "linen", "equinox"])
+def test_adapter_without_its_framework_says_which_extra_to_install(module, blocked, extra):
+    # sys.modules[name] = None makes `import name` fail as if it were not installed.
+    done = _run(f"import sys; sys.modules[{blocked!r}] = None\n"
+                f"import jaxbn\n"
+                f"import {module}")
+    assert done.returncode != 0
+    assert "ImportError" in done.stderr
+    assert f"pip install 'jaxbn[{extra}]'" in done.stderr
+
+
+def test_position_mask_takes_flax_masks_that_are_constant_along_the_features():
+    shape = (6, 4, 3)
+    mask = jnp.arange(6)[:, None, None] % 2 == 0  # broadcasts against x, size 1 on the features
+    out = _adapter.position_mask(mask, shape, 2)
+    assert out.shape == (6, 1)
+    assert _adapter.position_mask(jnp.ones((4, 1), bool), shape, 2).shape == (1, 4)
+    with pytest.raises(ValueError, match="size 1 along the feature axis 2"):
+        _adapter.position_mask(jnp.ones(shape, bool), shape, 2)
+    with pytest.raises(TypeError, match="boolean"):
+        _adapter.position_mask(jnp.ones((6, 1, 1)), shape, 2)
+    with pytest.raises(ValueError, match="broadcast"):
+        _adapter.position_mask(jnp.ones((1, 6, 4, 1), bool), shape, 2)
+
+
+def test_axes_and_unsupported_options_are_named():
+    assert _adapter.canonical_axes("axis", -1, 3) == (2,)
+    assert _adapter.canonical_axes("reduction_axes", (2, -2), 3) == (1, 2)
+    with pytest.raises(ValueError, match="reduction_axes must be axes of x"):
+        _adapter.canonical_axes("reduction_axes", (3,), 3)
+    with pytest.raises(ValueError, match="does not support axis_name"):
+        _adapter.unsupported("LayerNorm", axis_name="batch")
+    _adapter.unsupported("LayerNorm", axis_name=None)
+    with pytest.raises(TypeError, match="use_running_average must be a Python bool"):
+        _adapter.choose("use_running_average", jnp.array(True), None, "")
+    with pytest.raises(ValueError, match="pass it"):
+        _adapter.choose("use_running_average", None, None, "pass it")
+    assert _adapter.choose("deterministic", None, True, "") is True
+    assert _adapter.choose("deterministic", False, True, "") is False

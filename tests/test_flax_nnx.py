@@ -1,0 +1,235 @@
+"""jaxbn.flax.nnx against flax.nnx's own layers: same inputs, same weights, same numbers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxbn.flax.nnx as jnnx
+from jaxbn import testing
+from tests.helpers import rand
+
+F32 = jnp.float32
+
+
+def _functional(layer, **call):
+    """The layer as f(params, x) -> y, its batch statistics left as they are."""
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+    def f(p, x):
+        # Fresh copies of the statistics inside the trace: the update the call makes is dropped.
+        return nnx.merge(graphdef, p, jax.tree.map(jnp.array, rest))(x, **call)
+    return f, params
+
+
+def _pair(name, *args, **kwargs):
+    return (getattr(nnx, name)(*args, rngs=nnx.Rngs(0), **kwargs),
+            getattr(jnnx, name)(*args, rngs=nnx.Rngs(0), **kwargs))
+
+
+def _random_params(layer, seed):
+    """Non-trivial scale and bias, the same for both layers."""
+    for i, leaf in enumerate(("scale", "bias")):
+        p = getattr(layer, leaf, None)
+        if p is not None:
+            p[...] = rand(seed + i, p[...].shape, F32, 0.5, 1.0 - i)
+
+
+@pytest.mark.parametrize("shape, axis", [((64, 12), -1), ((8, 5, 5, 6), -1), ((8, 6, 5, 5), 1)],
+                         ids=["dense", "nhwc", "nchw"])
+def test_batch_norm_matches_flax_over_steps_train_and_eval(shape, axis):
+    flax_bn, ours = _pair("BatchNorm", shape[axis], axis=axis)
+    for layer in (flax_bn, ours):
+        _random_params(layer, 3)
+    for step in range(3):
+        x = rand(step, shape, F32, 2.0, 5.0)
+        testing.check_vjp(*[_functional(l)[0] for l in (ours, flax_bn)], _functional(ours)[1], x,
+                          key=jax.random.key(step), rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(ours(x), flax_bn(x), rtol=1e-5, atol=1e-5)  # updates stats
+        for stat in ("mean", "var"):
+            np.testing.assert_allclose(getattr(ours, stat)[...], getattr(flax_bn, stat)[...],
+                                       rtol=1e-6, atol=1e-6)
+    assert not np.allclose(ours.var[...], 1.0)  # the statistics did move
+    flax_bn.eval(), ours.eval()
+    assert ours.use_running_average is True
+    x = rand(9, shape, F32, 2.0, 5.0)
+    np.testing.assert_allclose(ours(x), flax_bn(x), rtol=1e-5, atol=1e-5)
+    testing.check_vjp(*[_functional(l)[0] for l in (ours, flax_bn)], _functional(ours)[1], x,
+                      rtol=1e-5, atol=1e-6)
+
+
+def test_same_variables_so_checkpoints_load_both_ways():
+    flax_bn, ours = _pair("BatchNorm", 6, momentum=0.9)
+    assert isinstance(ours, nnx.BatchNorm)
+    x = rand(0, (16, 6), F32, 3.0, 1.0)
+    flax_bn(x)
+    state = nnx.state(flax_bn)
+    assert jax.tree.structure(state) == jax.tree.structure(nnx.state(ours))
+    nnx.update(ours, state)  # a Flax checkpoint into jaxbn's layer
+    ours.eval(), flax_bn.eval()
+    np.testing.assert_allclose(ours(x), flax_bn(x), rtol=1e-6, atol=1e-6)
+    kinds = {str(path[0]): type(v).__name__ for path, v in nnx.to_flat_state(nnx.state(ours))}
+    assert kinds == {"bias": "Param", "mean": "BatchStat", "scale": "Param", "var": "BatchStat"}
+
+
+def test_use_scale_bias_off_and_bfloat16_input_with_float32_statistics():
+    flax_bn, ours = _pair("BatchNorm", 8, use_scale=False, use_bias=False)
+    assert ours.scale is None and ours.bias is None
+    x = rand(1, (32, 8), F32, 1.0, 300.0)
+    x64 = x.astype(jnp.float64)
+    truth = (x64 - x64.mean(0)) / jnp.sqrt(x64.var(0) + 1e-5)
+    # Offset 300: jaxbn's two-pass variance is exact; Flax's default one-pass E[x^2] - E[x]^2
+    # cancels (its use_fast_variance=False is the same math as ours).
+    np.testing.assert_allclose(ours(x), truth, atol=1e-4)  # the float32 mean's rounding
+    exact_flax = nnx.BatchNorm(8, use_scale=False, use_bias=False, use_fast_variance=False,
+                               rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(ours(x), exact_flax(x), atol=1e-4)
+    print("flax default error at offset 300:", float(jnp.max(jnp.abs(flax_bn(x) - truth))))
+    # dtype=bfloat16 (mixed precision): the output is bfloat16, the statistics float32.
+    flax_bn, ours = _pair("BatchNorm", 8, dtype=jnp.bfloat16)
+    xb = rand(2, (256, 8), F32, 1.0, 3.0).astype(jnp.bfloat16)
+    y = ours(xb)
+    assert y.dtype == flax_bn(xb).dtype == jnp.bfloat16
+    assert ours.mean.dtype == jnp.float32
+    np.testing.assert_allclose(ours.mean[...], flax_bn.mean[...], rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(flax_bn(xb), np.float32),
+                               atol=0.05)
+
+
+def test_mask_statistics_and_valid_outputs_match_flax_masked_out_outputs_are_zero():
+    flax_bn, ours = _pair("BatchNorm", 5)
+    x = rand(3, (20, 5), F32, 2.0, 1.0)
+    valid = (jnp.arange(20) % 3 != 0)[:, None]  # Flax's mask broadcasts against x
+    y_ours, y_flax = ours(x, mask=valid), flax_bn(x, mask=valid)
+    rows = np.asarray(valid[:, 0])
+    np.testing.assert_allclose(np.asarray(y_ours)[rows], np.asarray(y_flax)[rows], rtol=1e-5,
+                               atol=1e-5)
+    assert np.all(np.asarray(y_ours)[~rows] == 0)
+    np.testing.assert_allclose(ours.var[...], flax_bn.var[...], rtol=1e-6)
+    with pytest.raises(ValueError, match="size 1 along the feature axis"):
+        ours(x, mask=x > 0)
+
+
+@pytest.mark.parametrize("kwargs, shape", [
+    (dict(), (6, 10)),
+    (dict(reduction_axes=(-2, -1), feature_axes=-1), (4, 3, 10)),
+], ids=["last-axis", "two-axes"])
+def test_layer_norm_matches_flax(kwargs, shape):
+    flax_ln, ours = _pair("LayerNorm", 10, **kwargs)
+    for layer in (flax_ln, ours):
+        _random_params(layer, 5)
+    x = rand(4, shape, F32, 2.0, 3.0)
+    testing.check_vjp(*[_functional(l)[0] for l in (ours, flax_ln)], _functional(ours)[1], x,
+                      rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 6, 8), (4, 64)], ids=["nhwc", "dense"])
+def test_group_norm_matches_flax(shape):
+    flax_gn, ours = _pair("GroupNorm", shape[-1], num_groups=4)
+    for layer in (flax_gn, ours):
+        _random_params(layer, 7)
+    x = rand(6, shape, F32, 2.0, 3.0)
+    testing.check_vjp(*[_functional(l)[0] for l in (ours, flax_gn)], _functional(ours)[1], x,
+                      rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_draws_the_same_keys_and_masks_as_flax():
+    flax_do = nnx.Dropout(0.3, rngs=nnx.Rngs(dropout=7))
+    ours = jnnx.Dropout(0.3, rngs=nnx.Rngs(dropout=7))
+    x = rand(0, (40, 30), F32)
+    for _ in range(3):  # the key stream advances in step
+        y_ours, y_flax = ours(x), flax_do(x)
+        np.testing.assert_allclose(y_ours, y_flax, rtol=1e-6)
+        assert 0.2 < float(jnp.mean(y_ours == 0)) < 0.4
+    key = jax.random.key(3)
+    np.testing.assert_allclose(ours(x, rngs=key), flax_do(x, rngs=key), rtol=1e-6)
+    ours.eval()
+    assert ours(x) is x
+    with pytest.raises(ValueError, match="no rngs"):
+        jnnx.Dropout(0.5)(x)
+
+
+def test_ghost_batch_and_backward_options_are_keyword_only_additions():
+    ours = jnnx.BatchNorm(4, virtual_batch_size=8, backward="graph", rngs=nnx.Rngs(0))
+    x = rand(0, (32, 4), F32, 1.0, 2.0).at[8:16].multiply(10.0)
+    y = np.asarray(ours(x)).reshape(4, 8, 4)
+    np.testing.assert_allclose(y.mean(axis=1), 0, atol=1e-5)  # each ghost batch normalized
+    np.testing.assert_allclose(y.std(axis=1), 1, atol=1e-3)
+    plain = jnnx.BatchNorm(4, rngs=nnx.Rngs(0))
+    renorm = jnnx.BatchNorm(4, renorm=dict(r_max=1.0, d_max=0.0), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(renorm(x), plain(x))  # r_max=1, d_max=0 is batch norm
+    renorm.eval()
+    assert renorm.renorm == (("d_max", 0.0), ("r_max", 1.0))  # static, survives train/eval
+    with pytest.raises(ValueError, match="backward"):
+        jnnx.BatchNorm(4, backward="magic", rngs=nnx.Rngs(0))(x)
+    with pytest.raises(ValueError, match="one feature axis"):
+        jnnx.BatchNorm(4, axis=(0, 1), rngs=nnx.Rngs(0))(x)
+    with pytest.raises(ValueError, match="use_running_average"):
+        jnnx.BatchNorm(4, use_running_average=None, rngs=nnx.Rngs(0))(x)
+
+
+def test_synchronized_statistics_under_vmap_with_axis_name_match_flax():
+    flax_bn, ours = _pair("BatchNorm", 6, axis_name="devices")
+    x = rand(0, (4, 8, 6), F32, 2.0, 1.0)  # 4 "devices", 8 examples each
+
+    def sharded(layer):
+        graphdef, params, stats = nnx.split(layer, nnx.Param, nnx.BatchStat)
+
+        def one(x):
+            model = nnx.merge(graphdef, params, jax.tree.map(jnp.array, stats))
+            y = model(x)
+            return y, nnx.state(model, nnx.BatchStat)
+        return jax.vmap(one, axis_name="devices", out_axes=(0, None))(x)
+
+    (y_ours, stats_ours), (y_flax, stats_flax) = sharded(ours), sharded(flax_bn)
+    np.testing.assert_allclose(y_ours, y_flax, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats_ours["var"][...], stats_flax["var"][...], rtol=1e-6)
+
+
+class ConvNet(nnx.Module):
+    """A small conv net; ``layers`` is the module that provides BatchNorm and Dropout (the one
+    line a user changes)."""
+
+    def __init__(self, layers, rngs):
+        # No conv bias: batch norm removes it, so its gradient is rounding noise that Adam would
+        # blow up to full-size steps, differently in any two implementations.
+        self.conv = nnx.Conv(3, 8, (3, 3), use_bias=False, rngs=rngs)
+        self.bn = layers.BatchNorm(8, rngs=rngs)
+        self.dropout = layers.Dropout(0.25, rngs=rngs)
+        self.head = nnx.Linear(8, 4, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.dropout(nnx.relu(self.bn(self.conv(x))))
+        return self.head(h.mean(axis=(1, 2)))
+
+
+def _train(layers, steps=20):
+    model = ConvNet(layers, nnx.Rngs(0, dropout=1))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, x, y):
+        def loss_fn(model):
+            return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    xs = rand(1, (steps, 16, 8, 8, 3), F32, 1.0, 0.5)
+    # Labels the net can learn: which of the first two channels is brighter, and where.
+    ys = 2 * (xs[..., 0].mean((2, 3)) > xs[..., 1].mean((2, 3))) + (xs[:, :, :4, :, 2].mean((2, 3)) > 0.5)
+    losses = [float(step(model, optimizer, x, y)) for x, y in zip(xs, ys)]
+    model.eval()
+    return np.array(losses), model(xs[0])
+
+
+def test_swapping_the_import_trains_a_conv_net_to_the_same_losses():
+    losses_flax, eval_flax = _train(nnx)
+    losses_ours, eval_ours = _train(jnnx)
+    np.testing.assert_allclose(losses_ours, losses_flax, rtol=2e-4, atol=2e-5)
+    assert losses_ours[-5:].mean() < 0.95 * losses_ours[:5].mean()  # it learned something
+    np.testing.assert_allclose(eval_ours, eval_flax, rtol=1e-3, atol=1e-4)
