@@ -42,11 +42,11 @@ import jaxbn
 from jaxbn import reference
 from jaxbn._layout import layout as layout_of
 from experiments import adapters
-from experiments.timing import interleaved_times
+from experiments.timing import interleaved_times, native_kernels
 
 SHAPES = [((4096, 1024), "NC"), ((65536, 64), "NC"), ((512, 8192), "NC"),
           ((64, 64, 32, 32), "NCHW")]
-BF16_SHAPE = ((4096, 1024), "NC")
+BF16_SHAPES = [((4096, 1024), "NC"), ((64, 64, 32, 32), "NCHW")]
 QUICK_SHAPES = [((512, 256), "NC"), ((16, 8, 8, 8), "NCHW")]
 DROPOUT_SHAPES = [(4096, 1024), (64, 64, 32, 32)]
 # Below this many bytes x fits in a typical last-level cache: the run is not bandwidth-bound and
@@ -80,12 +80,17 @@ def _residual_bytes(forward, x, gamma, beta) -> int:
     return int(sum(leaf.nbytes for leaf in jax.tree.leaves(pullback) if hasattr(leaf, "nbytes")))
 
 
-def _temp_bytes(run, *args) -> int | None:
+def _temp_bytes(compiled) -> int | None:
     try:
-        analysis = run.lower(*args).compile().memory_analysis()
-        return int(analysis.temp_size_in_bytes)
+        return int(compiled.memory_analysis().temp_size_in_bytes)
     except Exception:  # not every backend reports it
         return None
+
+
+def _compiled(native: bool, run, *args):
+    """``run`` (jitted) compiled for ``args`` with the native kernels on or off."""
+    with native_kernels(native):
+        return run.lower(*args).compile()
 
 
 def _jaxbn_forward(backward, lay):
@@ -147,11 +152,14 @@ def bench_batch_norm(shape, layout, dtype, repeats) -> dict:
     gamma = jax.random.normal(kg, lay.param_shape) * 0.1 + 1
     beta = jnp.zeros(lay.param_shape)
     forwards = {b: _jaxbn_forward(b, lay) for b in ("alt", "graph", "autodiff")}
+    if jaxbn.native_status()["enabled"]:
+        forwards["native"] = _jaxbn_forward("alt", lay)
     forwards["naive"] = _naive_forward(lay)
     flax_forward = _flax_forward(lay.feature_axis)
     if flax_forward is not None:
         forwards["flax"] = flax_forward
-    runs = {name: _vjp_fn(f) for name, f in forwards.items()}
+    runs = {name: _compiled(name == "native", _vjp_fn(f), x, gamma, beta, dy)
+            for name, f in forwards.items()}
     fns = {name: functools.partial(run, x, gamma, beta, dy) for name, run in runs.items()}
     torch_run = _torch_fn(x, gamma, beta, dy)
     if torch_run is not None:
@@ -162,8 +170,11 @@ def bench_batch_norm(shape, layout, dtype, repeats) -> dict:
     seconds.pop("copy")
     # 5 arrays at the bandwidth of a 2-array copy's best time; none where x fits in cache.
     bound = 2.5 * best["copy"] if x.nbytes >= MIN_BOUND_BYTES else None
-    residual = {name: _residual_bytes(f, x, gamma, beta) for name, f in forwards.items()}
-    temp = {name: _temp_bytes(run, x, gamma, beta, dy) for name, run in runs.items()}
+    residual = {}
+    for name, f in forwards.items():
+        with native_kernels(name == "native"):
+            residual[name] = _residual_bytes(f, x, gamma, beta)
+    temp = {name: _temp_bytes(run) for name, run in runs.items()}
     return {"shape": list(shape), "layout": layout, "dtype": jnp.dtype(dtype).name,
             "x_bytes": int(x.nbytes), "seconds": seconds, "bound_seconds": bound,
             "residual_bytes": residual, "temp_bytes": temp}
@@ -224,38 +235,55 @@ def _geomean(values):
     return float(np.exp(np.mean(np.log(values)))) if values else None
 
 
+def _lead(row) -> str:
+    """The rule jaxbn runs by default: the native kernels where built, else the jnp "alt"."""
+    return "native" if "native" in row["seconds"] else "alt"
+
+
 def summarize(bn_rows) -> dict:
-    """Geometric means over the float32 shapes of alt's speedups and percent of the bound."""
+    """Geometric means over the float32 shapes: speedups of the native kernels and of the jnp
+    "alt" rule over each peer, their fractions of the bound, and the worst shape vs PyTorch."""
     f32 = [r for r in bn_rows if r["dtype"] == "float32"]
     out = {}
-    for peer in ("naive", "autodiff", "graph", "flax", "torch"):
-        if all(peer in r["seconds"] for r in f32):
-            out[f"alt_speedup_vs_{peer}"] = _geomean(
-                [r["seconds"][peer] / r["seconds"]["alt"] for r in f32])
-    bounded = [r for r in f32 if r["bound_seconds"] is not None]
-    out["alt_fraction_of_bound"] = (_geomean([r["bound_seconds"] / r["seconds"]["alt"]
-                                              for r in bounded]) if bounded else None)
-    out["alt_residual_over_input"] = max(r["residual_bytes"]["alt"] / r["x_bytes"]
-                                         for r in bn_rows)
+    for rule in ("native", "alt"):
+        if not all(rule in r["seconds"] for r in f32):
+            continue
+        for peer in ("alt", "naive", "autodiff", "graph", "flax", "torch"):
+            if peer != rule and all(peer in r["seconds"] for r in f32):
+                out[f"{rule}_speedup_vs_{peer}"] = _geomean(
+                    [r["seconds"][peer] / r["seconds"][rule] for r in f32])
+        bounded = [r for r in f32 if r["bound_seconds"] is not None]
+        out[f"{rule}_fraction_of_bound"] = (_geomean(
+            [r["bound_seconds"] / r["seconds"][rule] for r in bounded]) if bounded else None)
+        out[f"{rule}_residual_over_input"] = max(r["residual_bytes"][rule] / r["x_bytes"]
+                                                 for r in bn_rows)
+        if all("torch" in r["seconds"] for r in bn_rows):
+            out[f"{rule}_worst_shape_vs_torch"] = min(r["seconds"]["torch"] / r["seconds"][rule]
+                                                      for r in f32)
+            for r in bn_rows:
+                if r["dtype"] != "float32":
+                    name = f"{rule}_vs_torch_{r['dtype']}_{'x'.join(map(str, r['shape']))}"
+                    out[name] = r["seconds"]["torch"] / r["seconds"][rule]
     return out
 
 
 def print_tables(result) -> None:
-    names = ["alt", "graph", "autodiff", "naive", "flax", "torch"]
+    names = ["native", "alt", "graph", "autodiff", "naive", "flax", "torch"]
     print(f"\nbatch norm, forward + backward, train mode: median ms "
-          f"({result['machine']}, {result['date']})")
+          f"({result['machine']}, {result['date']}); native = jaxbn's default on the CPU (C++ "
+          f"kernels), alt = its jnp rule")
     header = f"{'shape':>20} {'dtype':>8} " + " ".join(f"{n:>9}" for n in names) + \
-        f" {'bound':>9} {'bound/alt':>9} {'res/x':>6} {'temp MB':>8}"
+        f" {'bound':>9} {'bound/ours':>10} {'res/x':>6} {'temp MB':>8}"
     print(header)
     for r in result["batch_norm"]:
-        s = r["seconds"]
+        s, lead = r["seconds"], _lead(r)
         cells = " ".join(f"{s[n] * 1e3:9.3f}" if n in s else f"{'-':>9}" for n in names)
-        temp = r["temp_bytes"]["alt"]
+        temp = r["temp_bytes"][lead]
         bound = r["bound_seconds"]
-        bound_cells = (f"{bound * 1e3:9.3f} {bound / s['alt']:9.2f}" if bound is not None
-                       else f"{'in cache':>9} {'-':>9}")
+        bound_cells = (f"{bound * 1e3:9.3f} {bound / s[lead]:10.2f}" if bound is not None
+                       else f"{'in cache':>9} {'-':>10}")
         print(f"{'x'.join(map(str, r['shape'])):>20} {r['dtype']:>8} {cells} {bound_cells} "
-              f"{r['residual_bytes']['alt'] / r['x_bytes']:6.3f} "
+              f"{r['residual_bytes'][lead] / r['x_bytes']:6.3f} "
               f"{'-' if temp is None else f'{temp / 2**20:8.1f}':>8}")
     print("\nsummary (geometric means over the float32 shapes):")
     for k, v in result["summary"].items():
@@ -285,7 +313,7 @@ def main(argv=None) -> dict:
     shapes = QUICK_SHAPES if args.quick else SHAPES
     bn_rows = [bench_batch_norm(s, layout, jnp.float32, repeats) for s, layout in shapes]
     if not args.quick:
-        bn_rows.append(bench_batch_norm(BF16_SHAPE[0], BF16_SHAPE[1], jnp.bfloat16, repeats))
+        bn_rows += [bench_batch_norm(s, layout, jnp.bfloat16, repeats) for s, layout in BF16_SHAPES]
     dropout_rows = [bench_dropout(s, repeats) for s in
                     ([(256, 256)] if args.quick else DROPOUT_SHAPES)]
     adapter_rows = adapters.bench_adapters(repeats, (8, 8, 8, 16) if args.quick

@@ -3,6 +3,8 @@ drifts of a shared, noisy machine hit all of them alike; the median over rounds 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -41,3 +43,18 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], *, repeats: int = 20,
             times[name].append(time.perf_counter() - t0)
         rounds += 1
     return times
+
+
+@contextlib.contextmanager
+def native_kernels(enabled: bool):
+    """Traces (and compiles) inside run with jaxbn's native CPU kernels on or off: the switch
+    ``JAXBN_NATIVE`` is read when a function is traced, so compile inside the block."""
+    old = os.environ.get("JAXBN_NATIVE")
+    os.environ["JAXBN_NATIVE"] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("JAXBN_NATIVE")
+        else:
+            os.environ["JAXBN_NATIVE"] = old

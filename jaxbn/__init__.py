@@ -4,6 +4,7 @@ from jaxbn._batch_norm import BatchNormState, batch_norm, init_batch_norm_state,
 from jaxbn._dropout import dropout
 from jaxbn._inference import fold_batch_norm, recompute_batch_stats
 from jaxbn._layer_norm import group_norm, layer_norm
+from jaxbn._native import native_status
 
 __all__ = [
     "BatchNormState",
@@ -13,6 +14,7 @@ __all__ = [
     "group_norm",
     "init_batch_norm_state",
     "layer_norm",
+    "native_status",
     "recompute_batch_stats",
     "spatial_batch_norm",
 ]

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxbn import _native
 from jaxbn._checks import stat_dtype
 
 BACKWARDS = ("alt", "graph", "autodiff")
@@ -168,8 +169,12 @@ def _normalize_core(x, gamma, beta, config):
 
 
 def _normalize_core_fwd(x, gamma, beta, config):
-    mean, var, inv_std = statistics(x, config, stat_dtype(x.dtype, gamma.dtype, beta.dtype))
-    y = scale_shift(x, mean, inv_std, gamma, beta)
+    if _native.applies(x, gamma, beta, config):  # the same computation in one C++ kernel
+        y, mean, var = _native.forward(x, gamma, beta, config)
+        inv_std = jax.lax.rsqrt(var + config.eps)
+    else:
+        mean, var, inv_std = statistics(x, config, stat_dtype(x.dtype, gamma.dtype, beta.dtype))
+        y = scale_shift(x, mean, inv_std, gamma, beta)
     return (y, mean, var), Residuals(x, mean, inv_std, gamma)
 
 
@@ -180,8 +185,12 @@ def _normalize_core_bwd(config, residuals, cotangents):
     which the public functions wrap in ``stop_gradient``.
     """
     dy = cotangents[0]
-    rule = alt_rule if config.backward == "alt" else graph_rule
-    dx, dgamma, dbeta = rule(config, residuals, dy)
+    if _native.applies(residuals.x, residuals.gamma, residuals.gamma, config):
+        x, mean, inv_std, gamma = residuals
+        dx, dgamma, dbeta = _native.backward(x, dy, mean, inv_std, gamma, config)
+    else:
+        rule = alt_rule if config.backward == "alt" else graph_rule
+        dx, dgamma, dbeta = rule(config, residuals, dy)
     return dx, dgamma, dbeta.astype(dgamma.dtype)
 
 

@@ -107,14 +107,15 @@ def test_benchmark_quick_writes_a_table_and_json(tmp_path, capsys):
     assert "batch norm, forward + backward" in printed and "dropout" in printed
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(result["summary"]))
-    assert "bound/alt" in printed and "% of" not in printed
+    assert "bound/ours" in printed and "% of" not in printed
     for row in saved["batch_norm"]:
-        assert {"alt", "graph", "autodiff", "naive"} <= set(row["seconds"])
+        assert {"native", "alt", "graph", "autodiff", "naive"} <= set(row["seconds"])
         # --quick shapes fit in cache: no "bound" that is not one, and the table says why.
         assert row["x_bytes"] < benchmark.MIN_BOUND_BYTES and row["bound_seconds"] is None
         assert "in cache" in printed
         # The hand-written rule keeps one input-sized array plus per-feature vectors.
         assert row["residual_bytes"]["alt"] <= 1.05 * row["x_bytes"]
+        assert row["residual_bytes"]["native"] <= 1.05 * row["x_bytes"]
     for row in saved["dropout"]:
         elements = row["x_bytes"] / 4
         assert row["residual_bytes"]["jaxbn (packed mask)"] <= elements / 8 + 16

@@ -1,0 +1,149 @@
+"""The native CPU kernels (``jaxbn/_kernels.cc``, XLA FFI) behind the ``"alt"`` rule.
+
+:func:`forward` and :func:`backward` are the CPU implementation of
+``_normalize_core_fwd`` / ``alt_rule`` for batch norm: the same inputs, outputs and residuals.
+They run when the extension was built (``pip install -e .`` with a C++ compiler), the default
+backend is the CPU, the layout is one feature axis with the statistics over all the others, and
+``JAXBN_NATIVE`` is not ``0``; otherwise the jnp rules run. Each native call is a ``custom_jvp``
+whose derivative is the jnp rule's, so reverse-over-reverse and ``jax.hessian`` differentiate
+exactly what the jnp path would. Under ``jax.vmap`` the kernel receives the mapped axis as
+independent batches (``vmap_method="broadcast_all"``): statistics per batch, no serial loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+try:
+    from jaxbn import _kernels
+    _UNAVAILABLE = None
+except ImportError as error:  # not built: no compiler at install time, or a source checkout
+    _kernels = None
+    _UNAVAILABLE = f"the extension jaxbn._kernels is not built ({error})"
+
+ENV = "JAXBN_NATIVE"  # "0" forces the jnp rules
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
+_warned = []
+
+
+@functools.lru_cache(maxsize=None)
+def _register() -> None:
+    for name, capsule in _kernels.targets().items():
+        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+
+
+def native_status() -> dict[str, Any]:
+    """Whether jaxbn's native CPU kernels run, and why not if they do not.
+
+    Returns:
+      ``{"built": bool, "enabled": bool, "reason": str}``: ``built`` when the extension
+      compiled at install time; ``enabled`` when batch norm's ``"alt"`` rule uses it on the CPU
+      (``JAXBN_NATIVE=0`` in the environment turns it off); ``reason`` says which.
+    """
+    if _kernels is None:
+        return {"built": False, "enabled": False, "reason": _UNAVAILABLE}
+    if os.environ.get(ENV, "1").lower() in ("0", "false", "off", "no"):
+        return {"built": True, "enabled": False, "reason": f"{ENV}={os.environ[ENV]}"}
+    return {"built": True, "enabled": True, "reason": "native CPU kernels in use"}
+
+
+def _enabled() -> bool:
+    status = native_status()
+    if not status["built"] and not _warned and jax.default_backend() == "cpu":
+        _warned.append(True)
+        warnings.warn(f"jaxbn: {status['reason']}; batch norm runs its jnp rules (correct, "
+                      f"slower on the CPU). Reinstall with a C++ compiler: pip install -e .",
+                      RuntimeWarning, stacklevel=4)
+    return status["enabled"] and jax.default_backend() == "cpu"
+
+
+def canonical_view(shape: tuple[int, ...], stat_axes: tuple[int, ...],
+                   param_shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """``(R, C, S)`` when the statistics reduce over every axis but one (C, where the
+    parameters vary): x is then ``(R, C, S)`` in memory, a free reshape. None otherwise."""
+    features = [a for a in range(len(shape)) if a not in stat_axes]
+    if len(features) != 1 or any(n != 1 for a, n in enumerate(param_shape) if a != features[0]):
+        return None
+    c = features[0]
+    return math.prod(shape[:c]), shape[c], math.prod(shape[c + 1:])
+
+
+def applies(x: jax.Array, gamma: jax.Array, beta: jax.Array, config: Any) -> bool:
+    """Whether the native kernels compute this call of the core."""
+    if config.backward != "alt" or config.axis_name is not None or x.dtype not in DTYPES:
+        return False
+    if canonical_view(x.shape, config.stat_axes, gamma.shape) is None or x.size == 0:
+        return False
+    stat = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    if jnp.result_type(gamma.dtype, beta.dtype, stat) != stat:
+        return False
+    return _enabled()
+
+
+def _stat_dtype(x):
+    return jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+
+
+def _jnp_forward(x, gamma, beta, config):
+    from jaxbn._normalize import scale_shift, statistics  # the rule this kernel implements
+    mean, var, inv_std = statistics(x, config, _stat_dtype(x))
+    return scale_shift(x, mean, inv_std, gamma, beta), mean, var
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def forward(x, gamma, beta, config):
+    """``(y, mean, var)`` as ``_normalize_core_fwd`` computes them (statistics with x's rank,
+    size 1 along the reduced axes)."""
+    _register()
+    rows, channels, inner = canonical_view(x.shape, config.stat_axes, gamma.shape)
+    stat = _stat_dtype(x)
+    keep = tuple(1 if a in config.stat_axes else n for a, n in enumerate(x.shape))
+    y, mean, var = jax.ffi.ffi_call(
+        "jaxbn_batch_norm_forward",
+        (jax.ShapeDtypeStruct((1, rows, channels, inner), x.dtype),
+         jax.ShapeDtypeStruct((1, channels), stat), jax.ShapeDtypeStruct((1, channels), stat)),
+        vmap_method="broadcast_all",
+    )(x.reshape(1, rows, channels, inner), gamma.astype(stat).reshape(1, channels),
+      beta.astype(stat).reshape(1, channels), eps=np.float64(config.eps))
+    return y.reshape(x.shape), mean.reshape(keep), var.reshape(keep)
+
+
+@forward.defjvp
+def _forward_jvp(config, primals, tangents):
+    return jax.jvp(lambda *a: _jnp_forward(*a, config), primals, tangents)
+
+
+def _jnp_backward(x, dy, mean, inv_std, gamma, config):
+    from jaxbn._normalize import Residuals, alt_rule
+    return alt_rule(config, Residuals(x, mean, inv_std, gamma), dy)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def backward(x, dy, mean, inv_std, gamma, config):
+    """``(dx, dgamma, dbeta)`` as :func:`jaxbn._normalize.alt_rule` computes them."""
+    _register()
+    rows, channels, inner = canonical_view(x.shape, config.stat_axes, gamma.shape)
+    stat = mean.dtype
+    dx, dgamma, dbeta = jax.ffi.ffi_call(
+        "jaxbn_batch_norm_backward",
+        (jax.ShapeDtypeStruct((1, rows, channels, inner), x.dtype),
+         jax.ShapeDtypeStruct((1, channels), stat), jax.ShapeDtypeStruct((1, channels), stat)),
+        vmap_method="broadcast_all",
+    )(x.reshape(1, rows, channels, inner), dy.astype(x.dtype).reshape(1, rows, channels, inner),
+      mean.reshape(1, channels), inv_std.reshape(1, channels),
+      gamma.astype(stat).reshape(1, channels))
+    return (dx.reshape(x.shape), dgamma.reshape(gamma.shape).astype(gamma.dtype),
+            dbeta.reshape(gamma.shape))
+
+
+@backward.defjvp
+def _backward_jvp(config, primals, tangents):
+    return jax.jvp(lambda *a: _jnp_backward(*a, config), primals, tangents)

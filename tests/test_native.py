@@ -1,0 +1,203 @@
+"""The native CPU kernels against the jnp rules they implement, and what they must keep:
+accuracy at large offsets, vmap without a loop, bitwise determinism, derivatives of the rule.
+
+The extension must be built here (``pip install -e .`` builds it wherever a C++ compiler is);
+``JAXBN_ALLOW_NO_NATIVE=1`` runs the suite on a machine without one.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbn
+from jaxbn import _native, testing
+from tests.helpers import rand
+
+if not _native.native_status()["built"]:
+    if os.environ.get("JAXBN_ALLOW_NO_NATIVE") != "1":
+        raise RuntimeError(f"jaxbn's native kernels are not built: "
+                           f"{_native.native_status()['reason']}")
+    pytest.skip("native kernels not built (JAXBN_ALLOW_NO_NATIVE=1)", allow_module_level=True)
+
+CASES = [  # (shape, layout or feature axis)
+    ((96, 24), -1),
+    ((6, 5, 7, 12), "NHWC"),
+    ((6, 12, 5, 7), "NCHW"),
+    ((3, 8, 4, 40), "NCHW"),  # inner size not a multiple of 8
+    ((2000, 3), -1),  # several blocks of rows
+]
+
+
+def _bn(layout, backward="alt"):
+    def f(x, gamma, beta):
+        state = jaxbn.init_batch_norm_state(gamma.shape[0], gamma.dtype)
+        if isinstance(layout, str):
+            y, s = jaxbn.spatial_batch_norm(x, gamma, beta, state, train=True, layout=layout,
+                                            backward=backward)
+        else:
+            y, s = jaxbn.batch_norm(x, gamma, beta, state, train=True, axis=layout,
+                                    backward=backward)
+        return y, (s.mean, s.var)
+    return f
+
+
+def _channels(shape, layout):
+    return shape[1] if layout == "NCHW" else shape[-1]
+
+
+def _vjp(native: bool, f, args, dy):
+    """Output, statistics and VJP with the native kernels on or off for the whole computation
+    (the switch is read when the forward and the backward are traced)."""
+    old = os.environ.get(_native.ENV)
+    os.environ[_native.ENV] = "1" if native else "0"
+    try:
+        y, pullback, stats = jax.vjp(f, *args, has_aux=True)
+        return y, stats, pullback(dy)
+    finally:
+        if old is None:
+            del os.environ[_native.ENV]
+        else:
+            os.environ[_native.ENV] = old
+
+
+def _inputs(shape, layout, dtype, offset=3.0):
+    c = _channels(shape, layout)
+    return (rand(0, shape, dtype, 2.0, offset), rand(1, (c,), jnp.float32, 0.5, 1.0),
+            rand(2, (c,), jnp.float32))
+
+
+@pytest.mark.parametrize("shape, layout", CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64],
+                         ids=["f32", "bf16", "f16", "f64"])
+def test_native_matches_the_jnp_rule(shape, layout, dtype):
+    x, gamma, beta = _inputs(shape, layout, dtype)
+    if dtype == jnp.float64:
+        gamma, beta = gamma.astype(dtype), beta.astype(dtype)
+    dy = rand(3, shape, dtype)
+    f = _bn(layout)
+    assert "jaxbn_batch_norm_forward" in str(jax.make_jaxpr(f)(x, gamma, beta))
+    native, reference = _vjp(True, f, (x, gamma, beta), dy), _vjp(False, f, (x, gamma, beta), dy)
+    tol = {jnp.float64: 1e-12, jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}[dtype]
+    for a, b in zip(jax.tree.leaves(native), jax.tree.leaves(reference)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        np.testing.assert_allclose(a64, b64, rtol=tol, atol=tol * np.max(np.abs(b64)))
+
+
+def test_float64_rule_matches_finite_differences_on_the_native_path():
+    x, gamma, beta = (a.astype(jnp.float64) for a in _inputs((40, 6), -1, jnp.float64))
+    f = lambda x, g, b: _bn(-1)(x, g, b)[0]
+    assert "jaxbn_batch_norm_backward" in str(jax.make_jaxpr(
+        lambda x: jax.vjp(lambda x: f(x, gamma, beta), x)[1](x))(x))
+    testing.check_finite_differences(f, x, gamma, beta)
+
+
+def test_four_million_values_at_offset_100_are_exact():
+    # PyTorch 2.13's float32 CPU kernel returns y with mean 0.82 and a std 43% off here.
+    m = 1 << 22
+    x = (jax.random.normal(jax.random.key(0), (m, 2), jnp.float32) + 100.0)
+    dy = jax.random.normal(jax.random.key(1), (m, 2), jnp.float32)
+    gamma, beta = jnp.ones(2), jnp.zeros(2)
+    y, _, (dx, _, _) = _vjp(True, _bn(-1), (x, gamma, beta), dy)
+    y64 = np.asarray(y, np.float64)
+    np.testing.assert_allclose(y64.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(y64.std(0), 1.0, atol=1e-5)
+    # dx against the closed form in float64 on the same float32 inputs.
+    x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    x_hat = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5)
+    expected = (dy64 - dy64.mean(0) - x_hat * (dy64 * x_hat).mean(0)) / np.sqrt(x64.var(0) + 1e-5)
+    np.testing.assert_allclose(np.asarray(dx, np.float64), expected,
+                               atol=1e-5 * np.max(np.abs(expected)))
+
+
+def test_vmap_batches_the_kernel_without_a_loop_and_never_pools_statistics():
+    xs = rand(0, (5, 64, 8), jnp.float32, 2.0, 1.0) * jnp.arange(1, 6)[:, None, None]
+    gamma, beta = rand(1, (8,), jnp.float32, 0.5, 1.0), rand(2, (8,), jnp.float32)
+    dys = rand(3, xs.shape, jnp.float32)
+    f = lambda x: _bn(-1)(x, gamma, beta)[0]
+
+    def vjp_all(x, dy):
+        y, pullback = jax.vjp(f, x)
+        return y, pullback(dy)[0]
+
+    jaxpr = str(jax.make_jaxpr(jax.vmap(vjp_all))(xs, dys))
+    assert jaxpr.count("jaxbn_batch_norm_forward") == 1
+    assert jaxpr.count("jaxbn_batch_norm_backward") == 1
+    assert "while" not in jaxpr and "scan" not in jaxpr
+    y, dx = jax.jit(jax.vmap(vjp_all))(xs, dys)
+    for i in range(xs.shape[0]):  # each batch on its own statistics
+        y_i, dx_i = vjp_all(xs[i], dys[i])
+        np.testing.assert_allclose(y[i], y_i, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(dx[i], dx_i, rtol=1e-5, atol=1e-6)
+    # vmap over the parameters too (one gamma per batch).
+    gammas = rand(4, (5, 8), jnp.float32, 0.5, 1.0)
+    g = jax.vmap(lambda x, gm: _bn(-1)(x, gm, beta)[0])(xs, gammas)
+    np.testing.assert_allclose(g[2], _bn(-1)(xs[2], gammas[2], beta)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_bitwise_deterministic_across_calls_and_thread_counts(monkeypatch):
+    x, gamma, beta = _inputs((65536, 16), -1, jnp.float32, offset=50.0)
+    dy = rand(3, x.shape, jnp.float32)
+
+    @jax.jit
+    def step(x, dy):
+        y, pullback = jax.vjp(lambda x, g, b: _bn(-1)(x, g, b)[0], x, gamma, beta)
+        return y, pullback(dy)
+
+    first = jax.tree.leaves(step(x, dy))
+    for threads in ("2", "1", "2"):
+        monkeypatch.setenv("JAXBN_NUM_THREADS", threads)
+        for a, b in zip(jax.tree.leaves(step(x, dy)), first):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_second_order_and_hessian_differentiate_the_jnp_rule():
+    x, gamma, beta = (a.astype(jnp.float64) for a in _inputs((12, 3), -1, jnp.float64))
+    w = rand(5, x.shape, jnp.float64)
+    loss = lambda x, g: jnp.sum(w * _bn(-1)(x, g, beta)[0] ** 2)
+    grads = {}
+    for mode in ("1", "0"):
+        os.environ[_native.ENV] = mode
+        try:
+            grads[mode] = (jax.grad(lambda x: jnp.sum(jax.grad(loss)(x, gamma) ** 2))(x),
+                           jax.hessian(loss, argnums=1)(x, gamma))
+        finally:
+            del os.environ[_native.ENV]
+    for a, b in zip(grads["1"], grads["0"]):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    testing.check_finite_differences(lambda g: loss(x, g), gamma, order=2)
+
+
+def test_switch_and_status(monkeypatch):
+    x, gamma, beta = _inputs((32, 4), -1, jnp.float32)
+    assert jaxbn.native_status() == {"built": True, "enabled": True,
+                                     "reason": "native CPU kernels in use"}
+    monkeypatch.setenv("JAXBN_NATIVE", "0")
+    assert jaxbn.native_status()["enabled"] is False and "JAXBN_NATIVE=0" in \
+        jaxbn.native_status()["reason"]
+    assert "jaxbn_batch_norm" not in str(jax.make_jaxpr(_bn(-1))(x, gamma, beta))
+    monkeypatch.delenv("JAXBN_NATIVE")
+    # graph, autodiff, layer norm and masks stay on the jnp rules.
+    assert "jaxbn_batch_norm" not in str(jax.make_jaxpr(_bn(-1, "graph"))(x, gamma, beta))
+    assert "jaxbn_batch_norm" not in str(jax.make_jaxpr(
+        lambda x: jaxbn.layer_norm(x, gamma, beta))(x))
+
+
+def test_without_the_extension_jaxbn_warns_once_and_runs_the_jnp_rules(monkeypatch):
+    monkeypatch.setattr(_native, "_kernels", None)
+    monkeypatch.setattr(_native, "_UNAVAILABLE", "the extension jaxbn._kernels is not built (test)")
+    monkeypatch.setattr(_native, "_warned", [])
+    x, gamma, beta = _inputs((32, 4), -1, jnp.float32)
+    with pytest.warns(RuntimeWarning, match="not built .* jnp rules"):
+        jaxpr = str(jax.make_jaxpr(_bn(-1))(x, gamma, beta))
+    assert "jaxbn_batch_norm" not in jaxpr
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _bn(-1)(x, gamma, beta)  # once only
+    assert jaxbn.native_status()["built"] is False
