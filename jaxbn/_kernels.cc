@@ -33,12 +33,17 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace {
 
 constexpr int64_t kBlockValues = 512;  // values per feature summed in float32 per block
 constexpr int64_t kMinValuesPerThread = 1 << 16;
+constexpr int64_t kChannelChunk = 1024;  // channels per work item of the sums
 
 struct BFloat16 {
   uint16_t bits;
@@ -65,6 +70,25 @@ inline BFloat16 Store<BFloat16, float>(float v) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return BFloat16{static_cast<uint16_t>((u >> 16) | 0x40)};
   u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even, as XLA's convert
   return BFloat16{static_cast<uint16_t>(u >> 16)};
+}
+
+// XLA hands the kernel freshly mapped output buffers; writing them faults in one 4 KiB page at a
+// time, which measured costlier than the arithmetic. Asking for transparent huge pages on the
+// whole 2 MiB pages inside the buffer (advice only; where THP is off it does nothing) cuts the
+// faults 512-fold.
+void AdviseHugePages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool enabled = std::getenv("JAXBN_HUGEPAGES") == nullptr ||
+                              std::strcmp(std::getenv("JAXBN_HUGEPAGES"), "0") != 0;
+  if (!enabled) return;
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
 }
 
 struct Shape {
@@ -108,25 +132,31 @@ void ParallelFor(int64_t items, int64_t values_per_item, Body body) {
   for (auto& thread : pool) thread.join();
 }
 
-// Per-block partial sums of f(b, r, c, s) and g(b, r, c, s) over each block's rows and inner
-// values, float32 (or F) within the block; partials[(b * blocks + k) * C + c].
+// Per-block partial sums of two terms over each block's rows and inner values, in F within the
+// block; partials[(b * blocks + k) * C + c]. A work item is one block of rows of one chunk of
+// channels (the chunk keeps the accumulators in L1 and gives wide, short inputs parallelism);
+// terms(b, r, c0, c1, acc1, acc2) adds row r's channels [c0, c1) into acc[0, c1 - c0).
 template <class F, class Terms>
 void BlockSums(const Shape& sh, std::vector<double>* first, std::vector<double>* second,
                Terms terms) {
   const int64_t blocks = sh.blocks(), rows_per = sh.block_rows(), C = sh.channels;
+  const int64_t chunks = (C + kChannelChunk - 1) / kChannelChunk;
   first->assign(sh.batches * blocks * C, 0.0);
   second->assign(sh.batches * blocks * C, 0.0);
-  ParallelFor(sh.batches * blocks, rows_per * sh.inner * C, [&](int64_t lo, int64_t hi) {
-    std::vector<F> acc1(C), acc2(C);
+  const int64_t per_item = rows_per * sh.inner * std::min(C, kChannelChunk);
+  ParallelFor(sh.batches * blocks * chunks, per_item, [&](int64_t lo, int64_t hi) {
+    std::vector<F> acc1(std::min(C, kChannelChunk)), acc2(acc1.size());
     for (int64_t item = lo; item < hi; ++item) {
-      const int64_t b = item / blocks, k = item % blocks;
+      const int64_t chunk = item % chunks, bk = item / chunks;
+      const int64_t b = bk / blocks, k = bk % blocks;
+      const int64_t c0 = chunk * kChannelChunk, c1 = std::min(C, c0 + kChannelChunk);
       std::fill(acc1.begin(), acc1.end(), F(0));
       std::fill(acc2.begin(), acc2.end(), F(0));
       const int64_t r_end = std::min(sh.rows, (k + 1) * rows_per);
-      for (int64_t r = k * rows_per; r < r_end; ++r) terms(b, r, acc1.data(), acc2.data());
-      for (int64_t c = 0; c < C; ++c) {
-        (*first)[item * C + c] = acc1[c];
-        (*second)[item * C + c] = acc2[c];
+      for (int64_t r = k * rows_per; r < r_end; ++r) terms(b, r, c0, c1, acc1.data(), acc2.data());
+      for (int64_t c = c0; c < c1; ++c) {
+        (*first)[bk * C + c] = acc1[c - c0];
+        (*second)[bk * C + c] = acc2[c - c0];
       }
     }
   });
@@ -141,40 +171,111 @@ void ReduceBlocks(const Shape& sh, const std::vector<double>& partial, std::vect
       for (int64_t c = 0; c < C; ++c) (*out)[b * C + c] += partial[(b * blocks + k) * C + c];
 }
 
-// Sums over one row of C channels x S inner values: acc1[c] += f(d), acc2[c] += g(d) where the
-// two terms come from `pair(c, s)`. S == 1 vectorizes across channels; S > 1 along s with eight
-// independent lanes.
-template <class F, class Pair>
-inline void RowSums(int64_t C, int64_t S, F* acc1, F* acc2, Pair pair) {
+// One row of C channels x S inner values into the per-channel float accumulators. S == 1
+// (features last) vectorizes across channels; S > 1 along s, in eight independent lanes.
+template <class T, class F>
+inline void StatsRow(const T* __restrict row, const F* __restrict shift, int64_t C, int64_t S,
+                     F* __restrict sum, F* __restrict square_sum) {
   if (S == 1) {
     for (int64_t c = 0; c < C; ++c) {
-      F u, v;
-      pair(c, 0, &u, &v);
-      acc1[c] += u;
-      acc2[c] += v;
+      const F d = Load(row[c]) - shift[c];
+      sum[c] += d;
+      square_sum[c] += d * d;
     }
     return;
   }
   for (int64_t c = 0; c < C; ++c) {
-    F lane1[8] = {}, lane2[8] = {};
+    const T* __restrict p = row + c * S;
+    const F k = shift[c];
+    F l1[8] = {}, l2[8] = {};
     int64_t s = 0;
     for (; s + 8 <= S; s += 8)
       for (int l = 0; l < 8; ++l) {
-        F u, v;
-        pair(c, s + l, &u, &v);
-        lane1[l] += u;
-        lane2[l] += v;
+        const F d = Load(p[s + l]) - k;
+        l1[l] += d;
+        l2[l] += d * d;
       }
     for (; s < S; ++s) {
-      F u, v;
-      pair(c, s, &u, &v);
-      lane1[0] += u;
-      lane2[0] += v;
+      const F d = Load(p[s]) - k;
+      l1[0] += d;
+      l2[0] += d * d;
     }
     F t1 = 0, t2 = 0;
-    for (int l = 0; l < 8; ++l) t1 += lane1[l], t2 += lane2[l];
-    acc1[c] += t1;
-    acc2[c] += t2;
+    for (int l = 0; l < 8; ++l) t1 += l1[l], t2 += l2[l];
+    sum[c] += t1;
+    square_sum[c] += t2;
+  }
+}
+
+// sum(dy) and sum(dy * (x - mean)) of one row, laid out as in StatsRow.
+template <class T, class F>
+inline void GradRow(const T* __restrict xr, const T* __restrict gr, const F* __restrict mean,
+                    int64_t C, int64_t S, F* __restrict sum_dy, F* __restrict sum_dy_xmu) {
+  if (S == 1) {
+    for (int64_t c = 0; c < C; ++c) {
+      const F g = Load(gr[c]);
+      sum_dy[c] += g;
+      sum_dy_xmu[c] += g * (Load(xr[c]) - mean[c]);
+    }
+    return;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const T* __restrict px = xr + c * S;
+    const T* __restrict pg = gr + c * S;
+    const F mu = mean[c];
+    F l1[8] = {}, l2[8] = {};
+    int64_t s = 0;
+    for (; s + 8 <= S; s += 8)
+      for (int l = 0; l < 8; ++l) {
+        const F g = Load(pg[s + l]);
+        l1[l] += g;
+        l2[l] += g * (Load(px[s + l]) - mu);
+      }
+    for (; s < S; ++s) {
+      const F g = Load(pg[s]);
+      l1[0] += g;
+      l2[0] += g * (Load(px[s]) - mu);
+    }
+    F t1 = 0, t2 = 0;
+    for (int l = 0; l < 8; ++l) t1 += l1[l], t2 += l2[l];
+    sum_dy[c] += t1;
+    sum_dy_xmu[c] += t2;
+  }
+}
+
+// y = (x - mean) * a + o for one row.
+template <class T, class F>
+inline void NormalizeRow(const T* __restrict in, const F* __restrict mean, const F* __restrict a,
+                         const F* __restrict o, int64_t C, int64_t S, T* __restrict out) {
+  if (S == 1) {
+    for (int64_t c = 0; c < C; ++c) out[c] = Store<T, F>((Load(in[c]) - mean[c]) * a[c] + o[c]);
+    return;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const F mu = mean[c], ac = a[c], oc = o[c];
+    const T* __restrict p = in + c * S;
+    T* __restrict q = out + c * S;
+    for (int64_t s = 0; s < S; ++s) q[s] = Store<T, F>((Load(p[s]) - mu) * ac + oc);
+  }
+}
+
+// dx = a * dy + k1 + (x - mean) * k2 for one row.
+template <class T, class F>
+inline void GradInputRow(const T* __restrict xr, const T* __restrict gr, const F* __restrict mean,
+                         const F* __restrict a, const F* __restrict k1, const F* __restrict k2,
+                         int64_t C, int64_t S, T* __restrict dx) {
+  if (S == 1) {
+    for (int64_t c = 0; c < C; ++c)
+      dx[c] = Store<T, F>(a[c] * Load(gr[c]) + k1[c] + (Load(xr[c]) - mean[c]) * k2[c]);
+    return;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const F mu = mean[c], ac = a[c], c1 = k1[c], c2 = k2[c];
+    const T* __restrict px = xr + c * S;
+    const T* __restrict pg = gr + c * S;
+    T* __restrict q = dx + c * S;
+    for (int64_t s = 0; s < S; ++s)
+      q[s] = Store<T, F>(ac * Load(pg[s]) + c1 + (Load(px[s]) - mu) * c2);
   }
 }
 
@@ -186,14 +287,10 @@ void Forward(const Shape& sh, const T* x, const F* gamma, const F* beta, int64_t
   for (int64_t b = 0; b < sh.batches; ++b)
     for (int64_t c = 0; c < C; ++c) shift[b * C + c] = Load(x[(b * R * C + c) * S]);
   std::vector<double> part1, part2, sum1, sum2;
-  BlockSums<F>(sh, &part1, &part2, [&](int64_t b, int64_t r, F* acc1, F* acc2) {
-    const T* row = x + (b * R + r) * C * S;
-    const F* k = shift.data() + b * C;
-    RowSums<F>(C, S, acc1, acc2, [&](int64_t c, int64_t s, F* u, F* v) {
-      F d = Load(row[c * S + s]) - k[c];
-      *u = d;
-      *v = d * d;
-    });
+  BlockSums<F>(sh, &part1, &part2,
+               [&](int64_t b, int64_t r, int64_t c0, int64_t c1, F* acc1, F* acc2) {
+    StatsRow<T, F>(x + ((b * R + r) * C + c0) * S, shift.data() + b * C + c0, c1 - c0, S, acc1,
+                   acc2);
   });
   ReduceBlocks(sh, part1, &sum1);
   ReduceBlocks(sh, part2, &sum2);
@@ -213,12 +310,8 @@ void Forward(const Shape& sh, const T* x, const F* gamma, const F* beta, int64_t
   ParallelFor(sh.batches * R, C * S, [&](int64_t lo, int64_t hi) {
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t b = item / R;
-      const T* in = x + item * C * S;
-      T* out = y + item * C * S;
-      const F *mu = center.data() + b * C, *a = scale.data() + b * C, *o = offset.data() + b * C;
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t s = 0; s < S; ++s)
-          out[c * S + s] = Store<T, F>((Load(in[c * S + s]) - mu[c]) * a[c] + o[c]);
+      NormalizeRow<T, F>(x + item * C * S, center.data() + b * C, scale.data() + b * C,
+                         offset.data() + b * C, C, S, y + item * C * S);
     }
   });
 }
@@ -228,15 +321,10 @@ void Backward(const Shape& sh, const T* x, const T* dy, const F* mean, const F* 
               const F* gamma, int64_t param_stride, T* dx, F* dgamma, F* dbeta) {
   const int64_t C = sh.channels, S = sh.inner, R = sh.rows;
   std::vector<double> part1, part2, sum_dy, sum_dy_xmu;
-  BlockSums<F>(sh, &part1, &part2, [&](int64_t b, int64_t r, F* acc1, F* acc2) {
-    const int64_t offset = (b * R + r) * C * S;
-    const T *xr = x + offset, *gr = dy + offset;
-    const F* mu = mean + b * C;
-    RowSums<F>(C, S, acc1, acc2, [&](int64_t c, int64_t s, F* u, F* v) {
-      F g = Load(gr[c * S + s]);
-      *u = g;
-      *v = g * (Load(xr[c * S + s]) - mu[c]);
-    });
+  BlockSums<F>(sh, &part1, &part2,
+               [&](int64_t b, int64_t r, int64_t c0, int64_t c1, F* acc1, F* acc2) {
+    const int64_t offset = ((b * R + r) * C + c0) * S;
+    GradRow<T, F>(x + offset, dy + offset, mean + b * C + c0, c1 - c0, S, acc1, acc2);
   });
   ReduceBlocks(sh, part1, &sum_dy);
   ReduceBlocks(sh, part2, &sum_dy_xmu);
@@ -256,14 +344,8 @@ void Backward(const Shape& sh, const T* x, const T* dy, const F* mean, const F* 
   ParallelFor(sh.batches * R, C * S, [&](int64_t lo, int64_t hi) {
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t b = item / R, offset = item * C * S;
-      const F *mu = mean + b * C, *pa = a.data() + b * C, *p1 = k1.data() + b * C,
-              *p2 = k2.data() + b * C;
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t s = 0; s < S; ++s) {
-          const int64_t i = offset + c * S + s;
-          const F xmu = Load(x[i]) - mu[c];
-          dx[i] = Store<T, F>(pa[c] * Load(dy[i]) + p1[c] + xmu * p2[c]);
-        }
+      GradInputRow<T, F>(x + offset, dy + offset, mean + b * C, a.data() + b * C,
+                         k1.data() + b * C, k2.data() + b * C, C, S, dx + offset);
     }
   });
 }
@@ -297,6 +379,7 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer gamma, ffi::AnyBuffer be
   if (!ToShape(x.dimensions(), &sh) || !ParamStride(sh, gamma, &stride) ||
       !ParamStride(sh, beta, &beta_stride) || stride != beta_stride)
     return ffi::Error::InvalidArgument("jaxbn batch norm: unexpected shapes");
+  AdviseHugePages(y->untyped_data(), y->size_bytes());
   using D = ffi::DataType;
   switch (x.element_type()) {
     case D::F32: return ForwardTyped<float, float>(sh, x, gamma, beta, stride, eps, &*y, &*mean, &*var);
@@ -331,6 +414,7 @@ ffi::Error BackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer mean
   if (!ToShape(x.dimensions(), &sh) || !ParamStride(sh, gamma, &stride) ||
       static_cast<int64_t>(mean.element_count()) != sh.batches * sh.channels)
     return ffi::Error::InvalidArgument("jaxbn batch norm backward: unexpected shapes");
+  AdviseHugePages(dx->untyped_data(), dx->size_bytes());
   using D = ffi::DataType;
   switch (x.element_type()) {
     case D::F32: return BackwardTyped<float, float>(sh, x, dy, mean, inv_std, gamma, stride, &*dx, &*dgamma, &*dbeta);
