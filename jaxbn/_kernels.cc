@@ -67,9 +67,12 @@ template <>
 inline BFloat16 Store<BFloat16, float>(float v) {
   uint32_t u;
   std::memcpy(&u, &v, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return BFloat16{static_cast<uint16_t>((u >> 16) | 0x40)};
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even, as XLA's convert
-  return BFloat16{static_cast<uint16_t>(u >> 16)};
+  // Round to nearest even, as XLA's convert; NaN stays a (quiet) NaN. Branch-free, so that the
+  // loops that store bfloat16 vectorize.
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  return BFloat16{static_cast<uint16_t>(nan ? quiet_nan : rounded)};
 }
 
 // XLA hands the kernel freshly mapped output buffers; writing them faults in one 4 KiB page at a

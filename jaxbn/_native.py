@@ -27,7 +27,8 @@ try:
     _UNAVAILABLE = None
 except ImportError as error:  # not built: no compiler at install time, or a source checkout
     _kernels = None
-    _UNAVAILABLE = f"the extension jaxbn._kernels is not built ({error})"
+    _UNAVAILABLE = (f"the extension jaxbn._kernels is not built ({error}); reinstall with a C++ "
+                    f"compiler: pip install -e .")
 
 ENV = "JAXBN_NATIVE"  # "0" forces the jnp rules
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
@@ -35,9 +36,16 @@ _warned = []
 
 
 @functools.lru_cache(maxsize=None)
-def _register() -> None:
-    for name, capsule in _kernels.targets().items():
-        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+def _registration_error() -> str | None:
+    """Registers the kernels with XLA once; the reason if XLA refuses them (an extension built
+    against a newer jaxlib than the one installed)."""
+    try:
+        for name, capsule in _kernels.targets().items():
+            jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+    except Exception as error:  # noqa: BLE001 - any refusal means "use the jnp rules"
+        return (f"XLA refused the extension ({error}); rebuild it against the installed jaxlib: "
+                f"pip install --no-build-isolation -e .")
+    return None
 
 
 def native_status() -> dict[str, Any]:
@@ -50,6 +58,8 @@ def native_status() -> dict[str, Any]:
     """
     if _kernels is None:
         return {"built": False, "enabled": False, "reason": _UNAVAILABLE}
+    if _registration_error() is not None:
+        return {"built": True, "enabled": False, "reason": _registration_error()}
     if os.environ.get(ENV, "1").lower() in ("0", "false", "off", "no"):
         return {"built": True, "enabled": False, "reason": f"{ENV}={os.environ[ENV]}"}
     return {"built": True, "enabled": True, "reason": "native CPU kernels in use"}
@@ -57,11 +67,12 @@ def native_status() -> dict[str, Any]:
 
 def _enabled() -> bool:
     status = native_status()
-    if not status["built"] and not _warned and jax.default_backend() == "cpu":
+    usable = status["built"] and _registration_error() is None
+    if not usable and not _warned and jax.default_backend() == "cpu":
         _warned.append(True)
-        warnings.warn(f"jaxbn: {status['reason']}; batch norm runs its jnp rules (correct, "
-                      f"slower on the CPU). Reinstall with a C++ compiler: pip install -e .",
-                      RuntimeWarning, stacklevel=4)
+        warnings.warn(f"jaxbn: native CPU kernels unavailable: {status['reason']}; batch norm "
+                      f"runs its jnp rules (correct, slower on the CPU).", RuntimeWarning,
+                      stacklevel=4)
     return status["enabled"] and jax.default_backend() == "cpu"
 
 
@@ -102,7 +113,6 @@ def _jnp_forward(x, gamma, beta, config):
 def forward(x, gamma, beta, config):
     """``(y, mean, var)`` as ``_normalize_core_fwd`` computes them (statistics with x's rank,
     size 1 along the reduced axes)."""
-    _register()
     rows, channels, inner = canonical_view(x.shape, config.stat_axes, gamma.shape)
     stat = _stat_dtype(x)
     keep = tuple(1 if a in config.stat_axes else n for a, n in enumerate(x.shape))
@@ -129,7 +139,6 @@ def _jnp_backward(x, dy, mean, inv_std, gamma, config):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def backward(x, dy, mean, inv_std, gamma, config):
     """``(dx, dgamma, dbeta)`` as :func:`jaxbn._normalize.alt_rule` computes them."""
-    _register()
     rows, channels, inner = canonical_view(x.shape, config.stat_axes, gamma.shape)
     stat = mean.dtype
     dx, dgamma, dbeta = jax.ffi.ffi_call(

@@ -25,6 +25,14 @@ if not _native.native_status()["built"]:
                            f"{_native.native_status()['reason']}")
     pytest.skip("native kernels not built (JAXBN_ALLOW_NO_NATIVE=1)", allow_module_level=True)
 
+
+
+@pytest.fixture(autouse=True)
+def _default_switch(monkeypatch):
+    """These tests set the switch themselves (CI also runs the suite with JAXBN_NATIVE=0)."""
+    monkeypatch.delenv(_native.ENV, raising=False)
+
+
 CASES = [  # (shape, layout or feature axis)
     ((96, 24), -1),
     ((6, 5, 7, 12), "NHWC"),
@@ -201,3 +209,14 @@ def test_without_the_extension_jaxbn_warns_once_and_runs_the_jnp_rules(monkeypat
         warnings.simplefilter("error")
         _bn(-1)(x, gamma, beta)  # once only
     assert jaxbn.native_status()["built"] is False
+
+
+def test_an_extension_xla_refuses_falls_back_with_the_reason(monkeypatch):
+    reason = "XLA refused the extension (API version); rebuild it against the installed jaxlib"
+    monkeypatch.setattr(_native, "_registration_error", lambda: reason)
+    monkeypatch.setattr(_native, "_warned", [])
+    x, gamma, beta = _inputs((32, 4), -1, jnp.float32)
+    assert jaxbn.native_status() == {"built": True, "enabled": False, "reason": reason}
+    with pytest.warns(RuntimeWarning, match="XLA refused"):
+        jaxpr = str(jax.make_jaxpr(_bn(-1))(x, gamma, beta))
+    assert "jaxbn_batch_norm" not in jaxpr
