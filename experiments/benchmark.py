@@ -6,18 +6,23 @@ candidate once in turn (interleaved), and medians are reported.
 
 Batch norm (train mode, forward + backward with a cotangent, float32 unless noted):
 
-- ``alt``, ``graph``, ``autodiff``: jaxbn's three backward choices, jitted;
+- ``native``: jaxbn's default on the CPU, the C++ kernels behind the ``"alt"`` rule (when built);
+- ``alt``, ``graph``, ``autodiff``: jaxbn's three backward choices as jnp code (compiled with
+  ``JAXBN_NATIVE=0``), jitted;
 - ``naive``: ``jax.vjp`` of a textbook forward (``jnp.mean``/``jnp.var``), jitted;
 - ``flax``: ``flax.linen.BatchNorm`` (when installed), jitted;
 - ``torch``: ``torch.nn.functional.batch_norm`` forward + ``backward`` on the CPU (when installed);
 - ``bound``: the time to stream 5 arrays of x's size (read x, write y, read dy, read x again, write
   dx) at the copy bandwidth measured in the same run: the *best* time of a jitted ``x + 1`` (one
   read, one write), since the bandwidth is what the machine can do and the median is noisy.
-  ``bound/alt`` is the fraction of that bound the ``alt`` rule reaches (1 = at the bound). Shapes
+  ``bound/ours`` is the fraction of that bound jaxbn's default (native, else alt) reaches. Shapes
   whose x fits in the last-level cache (under 8 MiB) are not bandwidth-bound: no bound is shown.
 
 Memory: the residual bytes the VJP keeps between forward and backward (the arrays in the closure
 ``jax.vjp`` returns) and XLA's compiled temporary size of forward + backward.
+
+The framework adapters (:mod:`experiments.adapters`): one batch norm layer of Flax NNX, Flax Linen
+and Equinox against jaxbn's drop-in layer, residual bytes and time.
 
 Dropout (rate 0.5): jaxbn's ``dropout`` (bit-packed mask residual, 1 bit per element), the
 alternative that regenerates the mask from the key in the backward (no residual), ``bernoulli`` +
@@ -152,8 +157,9 @@ def bench_batch_norm(shape, layout, dtype, repeats) -> dict:
     gamma = jax.random.normal(kg, lay.param_shape) * 0.1 + 1
     beta = jnp.zeros(lay.param_shape)
     forwards = {b: _jaxbn_forward(b, lay) for b in ("alt", "graph", "autodiff")}
-    if jaxbn.native_status()["enabled"]:
-        forwards["native"] = _jaxbn_forward("alt", lay)
+    with native_kernels(True):
+        if jaxbn.native_status()["enabled"]:  # built, and accepted by this jaxlib
+            forwards["native"] = _jaxbn_forward("alt", lay)
     forwards["naive"] = _naive_forward(lay)
     flax_forward = _flax_forward(lay.feature_axis)
     if flax_forward is not None:

@@ -44,10 +44,10 @@ def test_batch_norm_matches_equinox_batch_mode_in_training(shape):
     for step in range(3):
         x = rand(step, shape, F32, 2.0, 5.0)
         y_fn = lambda m, x: _batched(m)(m, x, state)[0]
-        testing.check_vjp(lambda w, x: y_fn(eqx.tree_at(lambda m: (m.weight, m.bias), ours, w),
-                                            x),
-                          lambda w, x: y_fn(eqx.tree_at(lambda m: (m.weight, m.bias), theirs, w),
-                                            x),
+        testing.check_vjp(jax.jit(lambda w, x: y_fn(eqx.tree_at(lambda m: (m.weight, m.bias),
+                                                                ours, w), x)),
+                          jax.jit(lambda w, x: y_fn(eqx.tree_at(lambda m: (m.weight, m.bias),
+                                                                theirs, w), x)),
                           (ours.weight, ours.bias), x, key=jax.random.key(step), rtol=2e-4,
                           atol=2e-5)
         y, state = _batched(theirs)(theirs, x, state)
@@ -90,10 +90,10 @@ def test_layer_norm_group_norm_and_dropout_match_equinox():
     for theirs, ours in [(eqx.nn.LayerNorm((8, 5, 5)), jeqx.LayerNorm((8, 5, 5))),
                          (eqx.nn.GroupNorm(4, 8), jeqx.GroupNorm(4, 8))]:
         theirs, ours = _with_params(theirs, 1), _with_params(ours, 1)
-        testing.check_vjp(lambda w, x: jax.vmap(eqx.tree_at(lambda m: (m.weight, m.bias), ours,
-                                                            w))(x),
-                          lambda w, x: jax.vmap(eqx.tree_at(lambda m: (m.weight, m.bias),
-                                                            theirs, w))(x),
+        testing.check_vjp(jax.jit(lambda w, x: jax.vmap(eqx.tree_at(lambda m: (m.weight, m.bias),
+                                                                    ours, w))(x)),
+                          jax.jit(lambda w, x: jax.vmap(eqx.tree_at(lambda m: (m.weight, m.bias),
+                                                                    theirs, w))(x)),
                           (ours.weight, ours.bias), x, rtol=1e-4, atol=1e-5)
         y, state = ours(x[0], "state passes through")
         assert state == "state passes through"

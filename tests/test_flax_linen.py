@@ -32,7 +32,7 @@ def _apply(layer, variables, **call):
     def f(params, x):
         out = layer.apply({**rest, "params": params}, x, mutable=list(rest), **call)
         return out[0] if rest else out
-    return f
+    return jax.jit(f)  # jitted: eager op-by-op dispatch made these tests slow
 
 
 @pytest.mark.parametrize("shape, axis", [((64, 12), -1), ((8, 5, 5, 6), -1), ((8, 6, 5, 5), 1)],

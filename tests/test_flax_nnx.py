@@ -23,7 +23,7 @@ def _functional(layer, **call):
     def f(p, x):
         # Fresh copies of the statistics inside the trace: the update the call makes is dropped.
         return nnx.merge(graphdef, p, jax.tree.map(jnp.array, rest))(x, **call)
-    return f, params
+    return jax.jit(f), params  # jitted: eager op-by-op dispatch made these tests slow
 
 
 def _pair(name, *args, **kwargs):
