@@ -18,20 +18,25 @@ and the gradient checks.
 The assignment's gradient checks need float64: put ``jax.config.update("jax_enable_x64", True)``
 at the top of the notebook (a ``UserWarning`` says so once if float64 arrays arrive without it).
 
-The dropout argument changed over the years, and jaxbn takes every spelling:
+The dropout argument changed over the years. jaxbn follows the 2016-17 write-ups by default, and
+one line at the top of a later notebook switches ``p`` to the later meaning::
 
-- 2016-17: ``FullyConnectedNet(dropout=p)`` and ``dropout_forward``'s ``p`` are the probability of
-  *dropping* a unit; ``dropout=0`` is off. jaxbn follows this for ``dropout`` and ``p``.
-- 2018-20: ``FullyConnectedNet(dropout=p)`` and ``dropout_forward``'s ``p`` are the probability of
-  *keeping* a unit; ``dropout=1`` is off. ``FullyConnectedNet(dropout=1)`` raises a ``ValueError``
-  that explains both meanings (read as a drop probability it would drop every unit); pass
-  ``dropout_keep_ratio=`` for a keep probability. A 2018-20 ``dropout_forward`` cell with ``p``
-  meaning "keep" must pass ``1 - p``.
-- 2021+: ``FullyConnectedNet(dropout_keep_ratio=p)``, keep probability, 1 is off; and
-  ``normalization=`` (``"batchnorm"``/``"layernorm"``) instead of 2016-17's ``use_batchnorm``.
+    import jaxbn.cs231n; jaxbn.cs231n.set_dropout_p("keep")   # 2018+: p is the keep probability
+
+- 2016-17 (default): ``FullyConnectedNet(dropout=p)`` and ``dropout_forward``'s ``p`` are the
+  probability of *dropping* a unit; ``dropout=0`` is off. ``FullyConnectedNet(dropout=1)`` (the
+  2018-20 "off") raises a ``ValueError`` that explains both meanings, because read as a drop
+  probability it would drop every unit.
+- 2018-20, after ``set_dropout_p("keep")``: ``FullyConnectedNet(dropout=p)`` and
+  ``dropout_forward``'s ``p`` are the probability of *keeping* a unit; ``dropout=1`` is off, and
+  ``FullyConnectedNet.dropout_param["p"]`` holds the keep probability.
+- 2021+: ``FullyConnectedNet(dropout_keep_ratio=p)``, keep probability, 1 is off (either
+  setting); and ``normalization=`` (``"batchnorm"``/``"layernorm"``) instead of 2016-17's
+  ``use_batchnorm``. ``dropout_forward``'s ``p`` is the keep probability: ``set_dropout_p("keep")``.
 """
 
 from jaxbn.cs231n import optim
+from jaxbn.cs231n._dropout_p import dropout_p, set_dropout_p
 from jaxbn.cs231n.classifiers.fc_net import FullyConnectedNet
 from jaxbn.cs231n.gradient_check import (eval_numerical_gradient, eval_numerical_gradient_array,
                                          grad_check_sparse, rel_error)
@@ -44,4 +49,4 @@ from jaxbn.cs231n.solver import Solver
 
 __all__ = [*_layers_all, *_utils_all, "FullyConnectedNet", "Solver", "sgd", "sgd_momentum",
            "rmsprop", "adam", "eval_numerical_gradient", "eval_numerical_gradient_array",
-           "grad_check_sparse", "rel_error"]
+           "grad_check_sparse", "rel_error", "set_dropout_p", "dropout_p"]
