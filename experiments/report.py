@@ -387,8 +387,8 @@ def plot_backward_speed(res: dict, path: str) -> None:
     ax.set_xlabel("shape (N, D)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    _save(fig, path, "Batch norm forward + backward time: staged (graph) vs simplified (alt) vs "
-          f"autodiff (bars: mean, whiskers: min-max over {len(res['seeds'])} seeds)")
+    _save(fig, path, "Batch norm forward + backward: graph vs alt vs autodiff\n(bars: mean, "
+          f"whiskers: min-max over {len(res['seeds'])} seeds)")
 
 
 def summarize_backward_speed(res: dict) -> Summary:

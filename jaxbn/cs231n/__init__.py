@@ -18,21 +18,42 @@ and the gradient checks.
 The assignment's gradient checks need float64: put ``jax.config.update("jax_enable_x64", True)``
 at the top of the notebook (a ``UserWarning`` says so once if float64 arrays arrive without it).
 
-The dropout argument changed over the years. jaxbn follows the 2016-17 write-ups by default, and
-one line at the top of a later notebook switches ``p`` to the later meaning::
+The assignment's arguments changed over the years. jaxbn follows the 2016-17 write-ups by default,
+and takes every later spelling; one line at the top of a notebook from 2018 on switches dropout's
+``p`` to the later meaning::
 
-    import jaxbn.cs231n; jaxbn.cs231n.set_dropout_p("keep")   # 2018+: p is the keep probability
+    import jaxbn.cs231n; jaxbn.cs231n.set_dropout_p("keep")   # 2018 on: p is the keep probability
 
-- 2016-17 (default): ``FullyConnectedNet(dropout=p)`` and ``dropout_forward``'s ``p`` are the
-  probability of *dropping* a unit; ``dropout=0`` is off. ``FullyConnectedNet(dropout=1)`` (the
-  2018-20 "off") raises a ``ValueError`` that explains both meanings, because read as a drop
-  probability it would drop every unit.
-- 2018-20, after ``set_dropout_p("keep")``: ``FullyConnectedNet(dropout=p)`` and
-  ``dropout_forward``'s ``p`` are the probability of *keeping* a unit; ``dropout=1`` is off, and
-  ``FullyConnectedNet.dropout_param["p"]`` holds the keep probability.
-- 2021+: ``FullyConnectedNet(dropout_keep_ratio=p)``, keep probability, 1 is off (either
-  setting); and ``normalization=`` (``"batchnorm"``/``"layernorm"``) instead of 2016-17's
-  ``use_batchnorm``. ``dropout_forward``'s ``p`` is the keep probability: ``set_dropout_p("keep")``.
+.. list-table:: What changed year by year
+   :header-rows: 1
+
+   * - the assignment's
+     - 2016-17 (jaxbn's default)
+     - 2018-20
+     - 2021 on
+   * - ``dropout_forward``'s ``p``
+     - probability of *dropping* a unit
+     - probability of *keeping* a unit
+     - probability of *keeping* a unit
+   * - ``FullyConnectedNet``'s dropout
+     - ``dropout=p``, drop probability; 0 (default) is off
+     - ``dropout=p``, keep probability; 1 (default) is off
+     - ``dropout_keep_ratio=p``, keep probability; 1 (default) is off
+   * - normalization
+     - ``use_batchnorm=True``
+     - ``normalization="batchnorm"`` or ``"layernorm"``
+     - ``normalization="batchnorm"`` or ``"layernorm"``
+   * - what a notebook adds for jaxbn
+     - nothing
+     - ``set_dropout_p("keep")``
+     - ``set_dropout_p("keep")`` (for its ``dropout_forward`` cells)
+
+Every spelling works in either setting, except where the two meanings collide: by default
+``FullyConnectedNet(dropout=1)`` (the 2018-20 "off") raises a ``ValueError`` that explains both
+meanings, because read as a drop probability it would drop every unit; after
+``set_dropout_p("keep")``, ``dropout=0`` raises for the same reason. ``dropout_keep_ratio`` is a
+keep probability in either setting, and ``FullyConnectedNet.dropout_param["p"]`` holds ``p`` in
+the setting's meaning, as that era's notebook reads it.
 """
 
 from jaxbn.cs231n import optim
