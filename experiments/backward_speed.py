@@ -9,6 +9,7 @@ the data; each seed's rounds are a separate measurement).
 
 from __future__ import annotations
 
+import functools
 import platform
 from typing import Any
 
@@ -79,6 +80,10 @@ def _jax_step(backward, x, gamma, beta, dy):
         return step.lower(x, gamma, beta, dy).compile()
 
 
+def _numpy_step(backward, x, gamma, beta, dy):
+    return backward(dy, numpy_forward(x, gamma, beta)[1])
+
+
 def _arrays(rng, n, d):
     x = rng.normal(size=(n, d)).astype(np.float32) * 2 + 1
     gamma = rng.normal(size=d).astype(np.float32)
@@ -94,14 +99,15 @@ def run(quick: bool = False, seeds: list[int] = (0, 1, 2)) -> dict[str, Any]:
     for n, d in shapes:
         probe = [jnp.asarray(a) for a in _arrays(np.random.default_rng(seeds[0]), n, d)]
         compiled = {f"jax_{b}": _jax_step(b, *probe) for b in ("graph", "alt", "autodiff")}
-        repeats = 4 if quick else (10 if n * d <= 1e6 else 5)
+        repeats = 4 if quick else (8 if n * d <= 1e6 else 4)
         per_seed, ratios = [], {pair: [] for pair in RATIOS}
         for seed in seeds:
             x, gamma, beta, dy = _arrays(np.random.default_rng(seed), n, d)
             args = [jnp.asarray(a) for a in (x, gamma, beta, dy)]
-            fns = {name: (lambda c=c: c(*args)) for name, c in compiled.items()}
-            fns["numpy_graph"] = lambda: numpy_backward_graph(dy, numpy_forward(x, gamma, beta)[1])
-            fns["numpy_alt"] = lambda: numpy_backward_alt(dy, numpy_forward(x, gamma, beta)[1])
+            fns = {name: functools.partial(c, *args) for name, c in compiled.items()}
+            for name, backward in (("numpy_graph", numpy_backward_graph),
+                                   ("numpy_alt", numpy_backward_alt)):
+                fns[name] = functools.partial(_numpy_step, backward, x, gamma, beta, dy)
             times = {k: np.asarray(v) for k, v in
                      interleaved_times(fns, repeats=repeats, warmup=1).items()}
             per_seed.append({k: float(np.median(v)) for k, v in times.items()})
