@@ -9,7 +9,8 @@ import jax.numpy as jnp
 
 from jaxbn import _checks, _layout, _renorm
 from jaxbn._layout import Layout, check_image_layout, layout
-from jaxbn._normalize import BACKWARDS, AxisGroups, Config, normalize, normalize_with, psum
+from jaxbn._normalize import BACKWARDS, configure, normalize, normalize_with
+from jaxbn._rules import AxisGroups, Config, psum
 
 
 class BatchNormState(NamedTuple):
@@ -197,11 +198,16 @@ def check_axis_name(axis_name: Any, axis_index_groups: Any = None) -> Any:
     try:
         psum(1, axis_name)
     except NameError:
-        raise ValueError(
+        raise UnboundAxisNameError(
             f"axis_name {axis_name!r} is not bound here: call batch norm inside jax.vmap, "
             f"jax.shard_map or jax.pmap with that axis name, or pass axis_name=None."
         ) from None
     return axis_name
+
+
+class UnboundAxisNameError(NameError, ValueError):
+    """An ``axis_name`` no enclosing ``vmap``/``shard_map``/``pmap`` binds: a ``NameError``, as
+    JAX raises for an unbound axis name, and a ``ValueError``, as for any bad argument."""
 
 
 def check_mask(mask: Any, lay: Layout) -> jax.Array | None:
@@ -214,16 +220,7 @@ def check_mask(mask: Any, lay: Layout) -> jax.Array | None:
         expected = tuple(n for a, n in enumerate(lay.shape) if a != lay.feature_axis)
         raise ValueError(f"mask must have x's shape without the feature axis, {expected} (size 1 "
                          f"broadcasts); got shape {tuple(mask.shape)}.")
-    full = jnp.broadcast_to(mask.reshape(full), _unit(lay.shape, lay.feature_axis))
-    return full.reshape(_unit(lay.view, *_param_axes(lay)))
-
-
-def _unit(shape, *axes):
-    return tuple(1 if a in axes else n for a, n in enumerate(shape))
-
-
-def _param_axes(lay: Layout) -> tuple[int, ...]:
-    return tuple(a for a, n in enumerate(lay.param_view) if n != 1)
+    return jnp.broadcast_to(mask.reshape(full), lay.position_shape).reshape(lay.position_view)
 
 
 def check_param(name: str, p: Any, lay: Layout) -> jax.Array:
@@ -273,7 +270,7 @@ def _affine_params(gamma, beta, lay, x_dtype):
     gamma = None if gamma is None else check_param("gamma", gamma, lay)
     beta = None if beta is None else check_param("beta", beta, lay)
     given = [a.dtype for a in (gamma, beta) if a is not None]
-    dtype = jnp.result_type(*given) if given else _checks.stat_dtype(x_dtype)
+    dtype = _checks.common_dtype(*given) if given else _checks.stat_dtype(x_dtype)
     gamma = jnp.ones(lay.param_shape, dtype) if gamma is None else gamma.astype(dtype)
     beta = jnp.zeros(lay.param_shape, dtype) if beta is None else beta.astype(dtype)
     return gamma.reshape(lay.param_view), beta.reshape(lay.param_view)
@@ -285,6 +282,7 @@ def prepare(x, gamma, beta, state, lay: Layout, *, momentum, eps, backward, axis
     _checks.check_choice("backward", backward, BACKWARDS)
     _checks.check_choice("running_var", running_var, RUNNING_VARS)
     eps = _checks.check_real("eps", eps, low=0.0, low_open=True)
+    x = _checks.check_float_array("x", x)
     gamma, beta = _affine_params(gamma, beta, lay, x.dtype)
     state = jax.tree.map(jax.lax.stop_gradient, check_state(state, lay))
     if momentum is None:
@@ -298,7 +296,8 @@ def prepare(x, gamma, beta, state, lay: Layout, *, momentum, eps, backward, axis
     axis_name = check_axis_name(axis_name, axis_index_groups)
     mask = check_mask(mask, lay)
     renorm = _renorm.check_renorm(renorm, mask=mask, axis_name=axis_name, layout=lay)
-    config = Config(stat_axes=lay.stat_axes, eps=eps, backward=backward, axis_name=axis_name)
+    config = configure(lay, eps=eps, backward=backward, x_dtype=x.dtype, param_dtype=gamma.dtype,
+                       axis_name=axis_name, masked=mask is not None, kernels=renorm is None)
     return Prepared(x.reshape(lay.view), gamma, beta, state, mask, config, momentum, lay,
                     running_var, renorm)
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxbn import _checks, _layout
 from jaxbn._batch_norm import _affine_params
 from jaxbn._layout import check_image_layout
-from jaxbn._normalize import BACKWARDS, Config, normalize
+from jaxbn._normalize import BACKWARDS, configure, normalize
 
 
 def _check_common(eps, backward):
@@ -59,10 +59,12 @@ def layer_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None, *,
     return _apply(x, gamma, beta, lay, eps, backward, mask)
 
 
-def prepare(x, gamma, beta, lay, eps, backward):
+def prepare(x, gamma, beta, lay, eps, backward, masked=False):
     """Checks the parameters against the layout; returns the core's inputs in its view."""
+    x = _checks.check_float_array("x", x)
     gamma, beta = _affine_params(gamma, beta, lay, x.dtype)
-    config = Config(stat_axes=lay.stat_axes, eps=eps, backward=backward)
+    config = configure(lay, eps=eps, backward=backward, x_dtype=x.dtype, param_dtype=gamma.dtype,
+                       masked=masked)
     return x.reshape(lay.view), gamma, beta, config
 
 
@@ -81,7 +83,8 @@ def _check_mask(mask, lay):
 
 def _apply(x, gamma, beta, lay, eps, backward, mask=None):
     mask = _check_mask(mask, lay)
-    return normalize(*prepare(x, gamma, beta, lay, eps, backward), mask)[0].reshape(lay.shape)
+    core = prepare(x, gamma, beta, lay, eps, backward, masked=mask is not None)
+    return normalize(*core, mask)[0].reshape(lay.shape)
 
 
 def group_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None, *, groups: int,

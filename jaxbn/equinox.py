@@ -29,7 +29,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxbn import _adapter
-from jaxbn._batch_norm import BatchNormState, batch_norm
+from jaxbn._batch_norm import BatchNormState, batch_norm, check_axis_name
 from jaxbn._dropout import dropout
 from jaxbn._layer_norm import group_norm, layer_norm
 
@@ -82,6 +82,14 @@ class BatchNorm(eqx.nn.BatchNorm):
 
     def __call__(self, x, state, *, key=None, inference: bool | None = None):
         frozen = _adapter.choose("inference", inference, self.inference, "pass inference=...")
+        if not frozen:  # as Equinox's layer: an unbound axis name first, then the shape
+            check_axis_name(self.axis_name)
+        if x.shape[:1] != (self.input_size,):
+            raise ValueError(
+                f"BatchNorm(input_size={self.input_size}) takes one example of shape "
+                f"({self.input_size}, ...); got x of shape {tuple(x.shape)}. Equinox layers are "
+                f"called per example: for a batch use jax.vmap(norm, axis_name="
+                f"{self.axis_name!r}, in_axes=(0, None), out_axes=(0, None))(x, state).")
         count = state.get(self.batch_counter)
         hidden = state.get(self.batch_state_index)
         stats = debiased_statistics(*hidden, count, self.momentum) if frozen else hidden

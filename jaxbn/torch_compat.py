@@ -52,9 +52,11 @@ def momentum_to_torch(momentum: float | None) -> float | None:
 
 
 def _array(value: Any) -> np.ndarray:
+    """A copy of ``value`` that shares no memory with it (a tensor's ``.numpy()`` and
+    ``jnp.asarray`` of a numpy array can both alias the source's buffer)."""
     if hasattr(value, "detach"):  # a torch tensor, without importing torch
         value = value.detach().cpu().numpy()
-    return np.asarray(value)
+    return np.array(value, copy=True)
 
 
 def from_state_dict(state_dict: dict, prefix: str = "") -> tuple[Any, Any, BatchNormState]:
@@ -63,6 +65,8 @@ def from_state_dict(state_dict: dict, prefix: str = "") -> tuple[Any, Any, Batch
     Keys (after ``prefix``, e.g. ``"bn1."``): ``weight``/``bias`` (absent for ``affine=False``:
     gamma/beta are then None), ``running_mean``, ``running_var``, ``num_batches_tracked``.
     The running variance keeps PyTorch's meaning (unbiased): use ``running_var="unbiased"``.
+    Every array is copied: later in-place updates of the source tensors (a train-mode forward,
+    ``weight.mul_(...)``) leave the returned state as it was converted.
     """
     def get(name, required=True):
         key = prefix + name
@@ -86,14 +90,18 @@ def from_state_dict(state_dict: dict, prefix: str = "") -> tuple[Any, Any, Batch
 
 def to_state_dict(gamma: Any, beta: Any, state: BatchNormState, prefix: str = "") -> dict:
     """A PyTorch batch norm ``state_dict`` of numpy arrays (load it with
-    ``module.load_state_dict({k: torch.from_numpy(v) for k, v in d.items()})``)."""
+    ``module.load_state_dict({k: torch.from_numpy(v) for k, v in d.items()})``).
+
+    The arrays are fresh, writable copies: changing them in place (or the tensors
+    ``torch.from_numpy`` makes of them) changes nothing on the jaxbn side.
+    """
     out = {}
     if gamma is not None:
-        out[prefix + "weight"] = np.asarray(gamma, np.float32)
+        out[prefix + "weight"] = np.array(gamma, np.float32, copy=True)
     if beta is not None:
-        out[prefix + "bias"] = np.asarray(beta, np.float32)
-    out[prefix + "running_mean"] = np.asarray(state.mean, np.float32)
-    out[prefix + "running_var"] = np.asarray(state.var, np.float32)
+        out[prefix + "bias"] = np.array(beta, np.float32, copy=True)
+    out[prefix + "running_mean"] = np.array(state.mean, np.float32, copy=True)
+    out[prefix + "running_var"] = np.array(state.var, np.float32, copy=True)
     count = 0 if state.count is None else int(state.count)
     out[prefix + "num_batches_tracked"] = np.asarray(count, np.int64)
     return out

@@ -146,7 +146,7 @@ BAD = [
     ("broadcast-out-of-range", dict(broadcast_dims=(2,)), ValueError, "broadcast_dims"),
     ("broadcast-not-int", dict(broadcast_dims=(0.5,)), TypeError, "broadcast_dims"),
     ("train-string", dict(train="train"), TypeError, "train must be a Python bool"),
-    ("x-int", dict(x=np.ones((2, 3), np.int32)), TypeError, "x must have a floating"),
+    ("x-bool", dict(x=np.ones((2, 3), bool)), TypeError, "x must be a floating .* or integer array; got dtype bool"),
 ]
 
 

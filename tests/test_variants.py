@@ -89,7 +89,10 @@ def test_state_dict_round_trip_and_tensor_like_values():
           "bn.running_mean": Tensor([0.1, 0.2]), "bn.running_var": Tensor([1.5, 2.5]),
           "bn.num_batches_tracked": Tensor(7)}
     gamma, beta, state = torch_compat.from_state_dict(sd, prefix="bn.")
-    np.testing.assert_allclose(gamma, [1.0, 2.0]) and np.testing.assert_allclose(state.var, [1.5, 2.5])
+    np.testing.assert_allclose(gamma, [1.0, 2.0])
+    np.testing.assert_allclose(beta, [0.5, -0.5])
+    np.testing.assert_allclose(state.mean, [0.1, 0.2])
+    np.testing.assert_allclose(state.var, [1.5, 2.5])
     assert int(state.count) == 7
     back = torch_compat.to_state_dict(gamma, beta, state, prefix="bn.")
     for k, v in sd.items():
@@ -124,9 +127,13 @@ def test_no_affine_part(missing):
     np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
     args = [a for a in (g, b) if a is not None]
     fn = lambda x, *p: jaxbn.batch_norm(x, *_fill(missing, p), state, train=True)[0]
-    grads = jax.grad(lambda x, *p: jnp.sum(fn(x, *p) * x), argnums=tuple(range(1 + len(args))))(
-        x, *args)
-    assert len(grads) == 1 + len(args)  # no gradient for what is not there
+
+    def ref(x, *p):  # the missing parameter is the constant 1 (scale) or 0 (shift)
+        gamma_, beta_ = _fill(missing, p)
+        return reference.batch_norm_train(x, jnp.ones(D) if gamma_ is None else gamma_,
+                                          jnp.zeros(D) if beta_ is None else beta_)[0]
+
+    testing.check_vjp(fn, ref, x, *args)  # the VJPs of x and of the parameters that are there
 
 
 def _fill(missing, present):

@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxbn import _checks, _losses, nets
 from jaxbn._batch_norm import BatchNormState
+from jaxbn._normalize import BACKWARDS
 from jaxbn.cs231n.layers import _dropout_key, _jnp, _np
 
 __all__ = ["FullyConnectedNet"]
@@ -77,12 +78,16 @@ class FullyConnectedNet:
       use_batchnorm: the 2016-17 spelling of ``normalization="batchnorm"``.
       normalization: None, ``"batchnorm"`` or ``"layernorm"`` (2018+).
       dropout_keep_ratio: probability of *keeping* a unit (2021+); 1 for no dropout.
+      backward: jaxbn's option, the normalizations' backward rule in ``loss``: ``"alt"``
+        (default, the closed-form derivation), ``"graph"`` (the staged one) or ``"autodiff"``.
     """
 
     def __init__(self, hidden_dims, input_dim=3 * 32 * 32, num_classes=10, dropout=None,
                  use_batchnorm=False, normalization=None, reg=0.0, weight_scale=1e-2,
-                 dtype=np.float32, seed=None, dropout_keep_ratio=None):
+                 dtype=np.float32, seed=None, dropout_keep_ratio=None, *, backward="alt"):
         rate = _drop_rate(dropout, dropout_keep_ratio)
+        _checks.check_choice("backward", backward, BACKWARDS)
+        self.backward = backward
         self.normalization = _normalization(use_batchnorm, normalization)
         self.use_batchnorm = self.normalization == "batchnorm"
         self.use_dropout = rate > 0
@@ -119,7 +124,8 @@ class FullyConnectedNet:
         first = self.bn_params[0] if self.bn_params else {}
         rate = float(self.dropout_param.get("p", 0.0)) if self.use_dropout else 0.0
         return nets.NetState(bn_states, self.normalization, rate,
-                             float(first.get("momentum", 0.9)), float(first.get("eps", 1e-5)))
+                             float(first.get("momentum", 0.9)), float(first.get("eps", 1e-5)),
+                             backward=self.backward)
 
     def loss(self, X, y=None):
         """Scores ``(N, C)`` for ``y=None`` (test mode); else ``(loss, grads)`` (train mode)."""
