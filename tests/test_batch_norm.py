@@ -407,3 +407,26 @@ def test_init_state_rejects_bad_arguments():
     state = jaxbn.init_batch_norm_state(3)
     assert np.array_equal(state.mean, np.zeros(3)) and np.array_equal(state.var, np.ones(3))
     assert state.mean.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("x64", [True, False], ids=["x64", "x32"])
+def test_integer_inputs_promote_to_the_default_float(x64):
+    """Integer gamma/beta (the ConvolutionalNetworks notebook's) promote like integer x: to
+    float32, or float64 under x64."""
+    import contextlib
+    from helpers import x64_off
+
+    x = np.asarray(rand(0, (10, 2, 4, 4), scale=4.0, offset=10.0))
+    with contextlib.nullcontext() if x64 else x64_off():
+        state = jaxbn.init_batch_norm_state(2)
+        y, _ = jaxbn.spatial_batch_norm(x.astype(np.int64), np.asarray([3, 4]),
+                                        np.asarray([6, 7]), state, train=True)
+        expected = jnp.float64 if x64 else jnp.float32
+        assert y.dtype == expected
+        y = np.asarray(y, np.float64)
+        np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), [6, 7], atol=1e-4)
+        np.testing.assert_allclose(y.std(axis=(0, 2, 3)), [3, 4], rtol=1e-4)
+        y2, _ = jaxbn.batch_norm(x[:, 0, 0].astype(np.int32), np.asarray([2, 3, 4, 5]),
+                                 np.zeros(4, np.int32), jaxbn.init_batch_norm_state(4),
+                                 train=True)
+        assert y2.dtype == expected
