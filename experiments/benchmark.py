@@ -44,10 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxbn
-from jaxbn import reference
-from jaxbn._layout import layout as layout_of
 from experiments import adapters
 from experiments.timing import interleaved_times, native_kernels
+from jaxbn import reference
+from jaxbn._layout import layout as layout_of
 
 SHAPES = [((4096, 1024), "NC"), ((65536, 64), "NC"), ((512, 8192), "NC"),
           ((64, 64, 32, 32), "NCHW")]

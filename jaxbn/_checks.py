@@ -7,7 +7,8 @@ Every check runs at trace time on static information (shapes, dtypes, Python opt
 from __future__ import annotations
 
 import numbers
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -46,7 +46,7 @@ class Layout(NamedTuple):
         return tuple(a for a in range(len(self.view)) if a not in self.param_axes)
 
     @property
-    def count(self) -> int:
+    def values_per_stat(self) -> int:
         """Values per statistic (on this device)."""
         return int(np.prod([self.view[a] for a in self.stat_axes], dtype=np.int64))
 
@@ -55,9 +55,9 @@ class Layout(NamedTuple):
         """``(rows, channels, inner)``: x as rows of one feature axis of inner values, the
         batch-norm kernel's layout (a free reshape), for batch norm over every axis but the
         feature axis; None for every other normalization."""
-        if self.kind != "batch" or self.group_axes or not all(self.shape):
-            return None
         c = self.feature_axis
+        if self.kind != "batch" or c is None or self.group_axes or not all(self.shape):
+            return None
         return (int(np.prod(self.shape[:c], dtype=np.int64)), self.shape[c],
                 int(np.prod(self.shape[c + 1:], dtype=np.int64)))
 
@@ -90,11 +90,12 @@ class Layout(NamedTuple):
             if self.shape[channel_axis(other, len(self.shape))] == size:
                 return _layout_hint(self.shape, self.image_layout)
             return ""
-        matches = [a for a, n in enumerate(self.shape) if n == size and a != self.feature_axis]
-        if self.kind != "batch" or not matches:
+        axis = self.feature_axis
+        matches = [a for a, n in enumerate(self.shape) if n == size and a != axis]
+        if self.kind != "batch" or axis is None or not matches:
             return ""
-        hint = (f" batch_norm normalizes along axis={self.feature_axis - len(self.shape)} "
-                f"(size {self.shape[self.feature_axis]}) here; {name} matches axis "
+        hint = (f" batch_norm normalizes along axis={axis - len(self.shape)} "
+                f"(size {self.shape[axis]}) here; {name} matches axis "
                 f"{matches[0]} (size {size}): pass axis={matches[0]}.")
         if len(self.shape) >= 3:
             hint += (" For images use jaxbn.spatial_batch_norm(x, ..., layout='NCHW' or "
@@ -198,8 +199,8 @@ def check_virtual_batch_size(virtual_batch_size: Any, shape: tuple[int, ...],
     """A positive int that divides the batch (axis 0, which must not be the feature axis)."""
     if virtual_batch_size is None:
         return None
-    if (isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, (int, np.integer))
-            or virtual_batch_size < 1):
+    if (isinstance(virtual_batch_size, bool)
+            or not isinstance(virtual_batch_size, (int, np.integer)) or virtual_batch_size < 1):
         raise ValueError(f"virtual_batch_size must be a positive int; got {virtual_batch_size!r}.")
     if feature_axis == 0:
         raise ValueError("virtual_batch_size splits the batch axis 0, but axis 0 is the feature "

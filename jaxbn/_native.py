@@ -35,10 +35,10 @@ except ImportError as error:  # not built: no compiler at install time, or a sou
 
 ENV = "JAXBN_NATIVE"  # "0" forces the jnp rules
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
-_warned = []
+_warned: list[bool] = []
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _registration_error() -> str | None:
     """Registers the kernels with XLA once; the reason if XLA refuses them (an extension built
     against a newer jaxlib than the one installed)."""
@@ -58,6 +58,12 @@ def native_status() -> dict[str, Any]:
       ``{"built": bool, "enabled": bool, "reason": str}``: ``built`` when the extension
       compiled at install time; ``enabled`` when batch norm's ``"alt"`` rule uses it on the CPU
       (``JAXBN_NATIVE=0`` in the environment turns it off); ``reason`` says which.
+
+    Example:
+      >>> import jaxbn
+      >>> status = jaxbn.native_status()
+      >>> sorted(status), isinstance(status["enabled"], bool)
+      (['built', 'enabled', 'reason'], True)
     """
     if _kernels is None:
         return {"built": False, "enabled": False, "reason": _UNAVAILABLE}

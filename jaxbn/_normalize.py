@@ -23,8 +23,17 @@ import jax.numpy as jnp
 from jaxbn import _native
 from jaxbn._checks import stat_dtype
 from jaxbn._layout import Layout
-from jaxbn._rules import (Config, Residuals, alt_rule, centered, centered_square_sum,
-                          graph_rule, scale_shift, statistics, vary_like)
+from jaxbn._rules import (
+    Config,
+    Residuals,
+    alt_rule,
+    centered,
+    centered_square_sum,
+    graph_rule,
+    scale_shift,
+    statistics,
+    vary_like,
+)
 
 BACKWARDS = ("alt", "graph", "autodiff")
 # With a mask or axis_name the statistics are joined between two local rules (see _joined); the
@@ -219,8 +228,8 @@ def _affine_core_bwd(config, residuals, dy):
     """``y = gamma * (x - mean) * inv_std + beta`` with the statistics as inputs (local sums)::
 
         g = dy * gamma;  dx = g * inv_std
-        dmean = -inv_std * sum(g);  dinv_std = sum(g * (x - mean))      # over the statistics' axes
-        dgamma = sum(dy * x_hat);  dbeta = sum(dy)                       # over gamma's broadcast axes
+        dmean = -inv_std * sum(g);  dinv_std = sum(g * (x - mean))   # over the statistics' axes
+        dgamma = sum(dy * x_hat);  dbeta = sum(dy)                    # over gamma's broadcast axes
 
     Sums run over the local batch; the psum around the statistics completes them across devices.
     """

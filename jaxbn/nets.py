@@ -19,7 +19,8 @@ Shapes: ``N`` batch, ``D`` input features, ``C, H, W`` image channels/height/wid
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,14 @@ class NetState:
 
     Only ``batch_norm`` holds arrays; the other fields are static metadata (part of the tree
     structure), so ``jit`` specializes on them and ``vmap`` leaves them alone.
+
+    Example:
+      >>> import dataclasses, jax
+      >>> from jaxbn import nets
+      >>> _, state = nets.init_mlp(jax.random.key(0), 4, [8, 8], 3, normalization="batchnorm")
+      >>> len(state.batch_norm), len(jax.tree.leaves(state))  # two layers, mean/var/count each
+      (2, 6)
+      >>> synced = dataclasses.replace(state, axis_name="data")  # synchronized batch norm
     """
 
     batch_norm: tuple[BatchNormState, ...]  # one per batch-normalized layer, in layer order
@@ -110,6 +119,16 @@ def init_mlp(key: jax.Array, input_dim: int, hidden_dims: Sequence[int], num_cla
     Returns:
       ``(params, state)``: params ``W1..WL, b1..bL`` (and ``gamma1.., beta1..`` with
       normalization), and a :class:`NetState`.
+
+    Example:
+      >>> import jax
+      >>> from jaxbn import nets
+      >>> params, state = nets.init_mlp(jax.random.key(0), 64, [100, 50], 10,
+      ...                               normalization="batchnorm", dropout_rate=0.1)
+      >>> sorted(params)
+      ['W1', 'W2', 'W3', 'b1', 'b2', 'b3', 'beta1', 'beta2', 'gamma1', 'gamma2']
+      >>> state.normalization, state.dropout_rate, state.backward
+      ('batchnorm', 0.1, 'alt')
     """
     input_dim = _checks.check_positive_int("input_dim", input_dim)
     num_classes = _checks.check_positive_int("num_classes", num_classes)
@@ -180,6 +199,17 @@ def apply_mlp(params: dict[str, jax.Array], state: NetState, x: jax.Array, *, tr
 
     Returns:
       ``(scores, new_state)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxbn import nets
+      >>> params, state = nets.init_mlp(jax.random.key(0), 8, [16], 3, normalization="batchnorm",
+      ...                               dropout_rate=0.5)
+      >>> x = jax.random.normal(jax.random.key(1), (32, 8))
+      >>> scores, state = nets.apply_mlp(params, state, x, train=True, key=jax.random.key(2))
+      >>> scores.shape, int(state.batch_norm[0].count)
+      ((32, 3), 1)
+      >>> test_scores, _ = nets.apply_mlp(params, state, x, train=False)  # no key needed
     """
     _checks.check_train(train)
     num_layers = _num_layers(params, "W{}")
@@ -215,6 +245,16 @@ def init_conv_net(key: jax.Array, input_shape: Sequence[int] = (1, 8, 8),
 
     Returns:
       ``(params, state)``.
+
+    Example:
+      >>> import jax
+      >>> from jaxbn import nets
+      >>> params, state = nets.init_conv_net(jax.random.key(0), (1, 8, 8), (16, 32), (100,), 10,
+      ...                                    normalization="batchnorm")
+      >>> params["conv1_W"].shape, params["W1"].shape  # two 2x2 pools: 8x8 -> 2x2
+      ((16, 1, 3, 3), (128, 100))
+      >>> len(state.batch_norm)  # two spatial batch norms and one in the head
+      3
     """
     input_shape = _check_dims("input_shape", input_shape)
     if len(input_shape) != 3:
@@ -248,7 +288,20 @@ def init_conv_net(key: jax.Array, input_shape: Sequence[int] = (1, 8, 8),
 
 def apply_conv_net(params: dict[str, jax.Array], state: NetState, x: jax.Array, *, train: bool,
                    key: jax.Array | None = None) -> tuple[jax.Array, NetState]:
-    """Scores of the conv net for NCHW images ``(N, C, H, W) -> (N, K)``, and the new state."""
+    """Scores of the conv net for NCHW images ``(N, C, H, W) -> (N, K)``, and the new state.
+
+    Arguments and results as :func:`apply_mlp`'s, with ``x`` of shape ``(N, C, H, W)``.
+
+    Example:
+      >>> import jax
+      >>> from jaxbn import nets
+      >>> params, state = nets.init_conv_net(jax.random.key(0), (1, 8, 8), (4,), (16,), 10,
+      ...                                    normalization="batchnorm")
+      >>> images = jax.random.normal(jax.random.key(1), (5, 1, 8, 8))
+      >>> scores, state = nets.apply_conv_net(params, state, images, train=True)
+      >>> scores.shape
+      (5, 10)
+    """
     _checks.check_train(train)
     x = _checks.check_float_array("x", x)
     _checks.check_ndim("x", x, ndim=4, what="NCHW images")

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxbn
-from jaxbn import reference
+from jaxbn import reference, testing
+
 from helpers import rand
-from jaxbn import testing
 
 RULES = ["alt", "graph"]
 
@@ -111,7 +109,8 @@ def test_hessian_matches_autodiff(backward):
     x = rand(0, (5, 3))
     gamma, beta = _params(3, jnp.float64)
     state = jaxbn.init_batch_norm_state(3, jnp.float64)
-    loss = lambda fn: (lambda x: jnp.sum(jnp.sin(fn(x, gamma, beta)) * jnp.arange(15.).reshape(5, 3)))
+    weights = jnp.arange(15.0).reshape(5, 3)
+    loss = lambda fn: (lambda x: jnp.sum(jnp.sin(fn(x, gamma, beta)) * weights))
     testing.check_vjp(jax.grad(loss(_bn_fn(state, backward, -1))), jax.grad(loss(_ref_fn(-1))),
                       x, rtol=1e-10)
 
@@ -213,7 +212,8 @@ def test_jit_vmap_and_second_order_agree(backward, dtype):
     def fn(x, gamma, beta, state):
         return jaxbn.batch_norm(x, gamma, beta, state, train=True, backward=backward)
 
-    state = jaxbn.BatchNormState(rand(1, (4,), dtype), jnp.ones(4, dtype) + rand(2, (4,), dtype) ** 2)
+    state = jaxbn.BatchNormState(rand(1, (4,), dtype),
+                                 jnp.ones(4, dtype) + rand(2, (4,), dtype) ** 2)
     testing.check_transforms(fn, x, gamma, beta, state, argnums=(0, 1, 2), reduction_size=9)
 
 
@@ -348,7 +348,8 @@ BAD = [
     ("state-not-a-state", dict(state=jnp.zeros(D)), {}, TypeError, "state"),
     ("axis-out-of-range", {}, dict(axis=2), ValueError, "axis"),
     ("x-rank-1", dict(x=np.ones(D, np.float32)), {}, ValueError, "x must have at least 2"),
-    ("x-bool", dict(x=np.ones((3, D), bool)), {}, TypeError, "x must be a floating .* or integer array; got dtype bool"),
+    ("x-bool", dict(x=np.ones((3, D), bool)), {}, TypeError,
+     "x must be a floating .* or integer array; got dtype bool"),
     ("one-value-per-feature", dict(x=np.ones((1, D), np.float32)), {}, ValueError,
      "at least 2 values"),
     ("backward-unknown", {}, dict(backward="fast"), ValueError, "backward must be one of"),
@@ -414,6 +415,7 @@ def test_integer_inputs_promote_to_the_default_float(x64):
     """Integer gamma/beta (the ConvolutionalNetworks notebook's) promote like integer x: to
     float32, or float64 under x64."""
     import contextlib
+
     from helpers import x64_off
 
     x = np.asarray(rand(0, (10, 2, 4, 4), scale=4.0, offset=10.0))

@@ -54,7 +54,8 @@ def test_sgd_momentum_matches_the_notebook_and_the_math():
     # The notebook's printed first and last entries: 0.1406 and 1.4096.
     assert abs(next_w[0, 0] - 0.1406) < 1e-12 and abs(next_w[-1, -1] - 1.4096) < 1e-12
     expected_w, expected_v = ref.momentum_step(w, dw, 1e-3, 0.9, v)
-    assert _rel_error(next_w, expected_w) < 1e-8 and _rel_error(config["velocity"], expected_v) < 1e-8
+    assert _rel_error(next_w, expected_w) < 1e-8
+    assert _rel_error(config["velocity"], expected_v) < 1e-8
 
 
 def test_rmsprop_and_adam_match_the_math_over_several_steps():

@@ -42,7 +42,7 @@ def test_layout_of_each_normalization(shape, norm, options, view, stat_axes, par
     assert (lay.view, lay.stat_axes, lay.param_view, lay.param_shape) == (
         view, stat_axes, param_view, param_shape)
     assert int(np.prod(lay.view)) == int(np.prod(shape))  # a reshape, never a copy of other size
-    assert lay.count == int(np.prod([view[a] for a in stat_axes]))
+    assert lay.values_per_stat == int(np.prod([view[a] for a in stat_axes]))
 
 
 def test_parameter_error_names_the_layout_and_the_other_one():
@@ -58,8 +58,9 @@ def test_parameter_error_names_the_layout_and_the_other_one():
 def test_image_layout_checks_rank_and_name():
     with pytest.raises(ValueError, match="layout must be one of"):
         check_image_layout("layout", "CHWN", (1, 2, 3, 4))
-    with pytest.raises(ValueError, match=r"x must have 4 dimensions for layout 'NCHW'; got shape "
-                                         r"\(2, 3, 4\). For rank-3 data pass layout='NCW' or 'NWC'"):
+    with pytest.raises(ValueError, match=r"x must have 4 dimensions for layout 'NCHW'; got "
+                                         r"shape \(2, 3, 4\). For rank-3 data pass "
+                                         r"layout='NCW' or 'NWC'"):
         check_image_layout("layout", "NCHW", (2, 3, 4))
 
 

@@ -11,9 +11,9 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxbn
-from jaxbn import nets
+from jaxbn import nets, testing
+
 from helpers import rand
-from jaxbn import testing
 
 
 @pytest.mark.parametrize("normalization", [None, "batchnorm", "layernorm"])

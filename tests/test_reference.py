@@ -13,6 +13,7 @@ import numpy as np
 
 import jaxbn
 from jaxbn import reference
+
 from helpers import rand
 
 PACKAGE = pathlib.Path(jaxbn.__file__).parent
@@ -86,5 +87,6 @@ def test_oracle_mask_selects_so_padding_cannot_leak():
     np.testing.assert_allclose(var, [[1.0]])
     np.testing.assert_allclose(y, [[-1.0], [0.0], [1.0], [0.0]])
     grad = jax.grad(lambda x: jnp.sum(reference.normalize(
-        x, jnp.ones((1, 1)), jnp.zeros((1, 1)), (0,), 1e-5, mask=mask)[0] * jnp.arange(4.0)[:, None]))(x)
+        x, jnp.ones((1, 1)), jnp.zeros((1, 1)), (0,), 1e-5, mask=mask)[0]
+        * jnp.arange(4.0)[:, None]))(x)
     assert np.all(np.isfinite(grad)) and grad[1, 0] == 0 and grad[3, 0] == 0

@@ -13,6 +13,7 @@ import pytest
 
 import jaxbn
 from jaxbn import nets, reference, testing, torch_compat
+
 from helpers import rand
 
 D = 4

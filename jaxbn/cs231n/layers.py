@@ -41,7 +41,7 @@ _FLOAT64_WARNED = False
 def _jnp(a: Any) -> jax.Array:
     """``jnp.asarray``, warning once when float64 data meets JAX with float64 off."""
     global _FLOAT64_WARNED
-    if (not _FLOAT64_WARNED and not jax.config.jax_enable_x64
+    if (not _FLOAT64_WARNED and not jax.config.read("jax_enable_x64")
             and getattr(a, "dtype", None) == np.float64):
         _FLOAT64_WARNED = True
         warnings.warn(

@@ -114,7 +114,7 @@ class FullyConnectedNet:
 
     def _net_state(self) -> nets.NetState:
         stat_dtype = _checks.stat_dtype(self.dtype)
-        bn_states = ()
+        bn_states: tuple[BatchNormState, ...] = ()
         if self.use_batchnorm:
             zeros = lambda i: np.zeros(self.params[f"b{i}"].shape)
             bn_states = tuple(BatchNormState(
