@@ -152,6 +152,6 @@ def group_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None, *,
     lay = _layout.layout(x.shape, "group", image_layout=layout, groups=groups)
     if lay.values_per_stat < 2:
         raise ValueError(f"each group must hold at least 2 values per example (the variance of "
-                         f"one value is 0); got {lay.values_per_stat} with groups={groups} on x of shape "
-                         f"{tuple(x.shape)}, layout={layout!r}. Use fewer groups.")
+                         f"one value is 0); got {lay.values_per_stat} with groups={groups} on x "
+                         f"of shape {tuple(x.shape)}, layout={layout!r}. Use fewer groups.")
     return _apply(x, gamma, beta, lay, eps, backward, mask)

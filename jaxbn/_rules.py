@@ -83,7 +83,7 @@ def vary_like(a: jax.Array, x: jax.Array) -> jax.Array:
         return a
     if hasattr(jax.lax, "pcast"):
         return jax.lax.pcast(a, missing, to="varying")
-    return getattr(jax.lax, "pvary")(a, missing)  # JAX < 0.8 spells the same cast pvary
+    return jax.lax.pvary(a, missing)  # type: ignore[attr-defined]  # JAX < 0.8's spelling
 
 
 def _varying_axes(a: jax.Array) -> frozenset:

@@ -103,7 +103,8 @@ class BatchNorm(eqx.nn.BatchNorm):
         if not frozen:
             state = state.set(self.batch_counter, count + 1)
             state = state.set(self.batch_state_index,
-                              (new.mean.astype(hidden_mean.dtype), new.var.astype(hidden_var.dtype)))
+                              (new.mean.astype(hidden_mean.dtype),
+                               new.var.astype(hidden_var.dtype)))
         return y[0], state
 
 
