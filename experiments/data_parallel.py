@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
     import optax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from experiments.data import flatten, load_digits
     from jaxbn import nets

@@ -216,7 +216,7 @@ def plot_weight_scale(res: dict, path: str) -> None:
 
 def summarize_weight_scale(res: dict) -> Summary:
     scales = res["config"]["weight_scales"]
-    header = ["run", "scales with best val acc >= 0.5 (of %d)" % len(scales), "best val acc",
+    header = ["run", f"scales with best val acc >= 0.5 (of {len(scales)})", "best val acc",
               "at scale (seed mean)"]
     rows, useful, best = [], {}, {}
     for name in ("batchnorm", "none"):

@@ -121,6 +121,7 @@ def write_report(args, seeds, sections) -> None:
         lines += [f"- {finding.text}" for finding in found]
         if notes:
             lines += ["", "Notes:", ""] + [f"- {note}" for note in notes]
-        lines += ["", f"Raw numbers: [`{name}.json`]({name}.json); took {res['seconds']:.1f} s.", ""]
+        lines += ["", f"Raw numbers: [`{name}.json`]({name}.json); took {res['seconds']:.1f} s.",
+                  ""]
     with open(os.path.join(args.out, "REPORT.md"), "w") as f:
         f.write("\n".join(lines))

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 
 from jaxbn import _checks, _layout, _renorm
 from jaxbn._layout import Layout, check_image_layout, layout
-from jaxbn._normalize import BACKWARDS, AxisGroups, Config, normalize, normalize_with, psum
+from jaxbn._normalize import BACKWARDS, configure, normalize, normalize_with
+from jaxbn._rules import AxisGroups, Config, psum
 
 
 class BatchNormState(NamedTuple):
@@ -18,11 +19,19 @@ class BatchNormState(NamedTuple):
     Updated in train mode as ``new = momentum * old + (1 - momentum) * batch_statistic``, or with
     ``momentum=None`` as the cumulative average of every batch seen (which needs ``count``).
     ``BatchNormState(mean, var)`` (no counter) still works for every other option.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxbn
+      >>> state = jaxbn.BatchNormState(jnp.zeros(3), jnp.ones(3))  # without a counter
+      >>> state.count is None, state.mean.shape
+      (True, (3,))
     """
 
     mean: jax.Array  # (D,) running mean
     var: jax.Array  # (D,) running variance (biased unless running_var="unbiased")
-    count: jax.Array | None = None  # () int32: train-mode batches seen (num_batches_tracked)
+    # () int32: train-mode batches seen (PyTorch's num_batches_tracked); the name shadows
+    # tuple.count on purpose.
+    count: jax.Array | None = None  # type: ignore[assignment]
 
 
 def init_batch_norm_state(num_features: int, dtype: Any = jnp.float32) -> BatchNormState:
@@ -30,9 +39,10 @@ def init_batch_norm_state(num_features: int, dtype: Any = jnp.float32) -> BatchN
     and a batch counter at 0.
 
     Example:
+      >>> import jaxbn
       >>> state = jaxbn.init_batch_norm_state(3)
-      >>> state.mean, state.var, state.count
-      (Array([0., 0., 0.], dtype=float32), Array([1., 1., 1.], dtype=float32), Array(0, dtype=int32))
+      >>> state.mean.tolist(), state.var.tolist(), int(state.count), state.mean.dtype.name
+      ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], 0, 'float32')
     """
     num_features = _checks.check_positive_int("num_features", num_features)
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -115,9 +125,17 @@ def batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None,
       TypeError: also for a non-boolean ``mask``.
 
     Example:
-      >>> x = jax.random.normal(jax.random.key(0), (32, 4))
-      >>> state = jaxbn.init_batch_norm_state(4)
-      >>> y, state = jaxbn.batch_norm(x, jnp.ones(4), jnp.zeros(4), state, train=True)
+      >>> import jax, jax.numpy as jnp, jaxbn
+      >>> x = 3.0 * jax.random.normal(jax.random.key(0), (32, 4)) + 1.0
+      >>> gamma, beta, state = jnp.ones(4), jnp.zeros(4), jaxbn.init_batch_norm_state(4)
+      >>> y, state = jaxbn.batch_norm(x, gamma, beta, state, train=True)
+      >>> bool(jnp.allclose(y.mean(0), 0, atol=1e-5)), bool(jnp.allclose(y.std(0), 1, atol=1e-3))
+      (True, True)
+      >>> bool(jnp.allclose(state.mean, 0.1 * x.mean(0)))  # 0.9 * 0 + 0.1 * batch mean
+      True
+      >>> y_test, same = jaxbn.batch_norm(x, gamma, beta, state, train=False)  # running stats
+      >>> bool(jnp.all(same.mean == state.mean)) and int(same.count) == int(state.count) == 1
+      True
     """
     x = _checks.check_float_array("x", x)
     _checks.check_ndim("x", x, min_ndim=2, what="a batch axis and a feature axis")
@@ -164,6 +182,18 @@ def spatial_batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | 
     Raises:
       As :func:`batch_norm`, and ValueError for an unknown ``layout`` or an ``x`` whose rank does
       not match it.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxbn
+      >>> x = jax.random.normal(jax.random.key(0), (8, 3, 4, 4))  # (N, C, H, W)
+      >>> gamma, beta, state = jnp.ones(3), jnp.zeros(3), jaxbn.init_batch_norm_state(3)
+      >>> y, new = jaxbn.spatial_batch_norm(x, gamma, beta, state, train=True)
+      >>> y.shape, new.mean.shape
+      ((8, 3, 4, 4), (3,))
+      >>> y_nhwc, _ = jaxbn.spatial_batch_norm(x.transpose(0, 2, 3, 1), gamma, beta, state,
+      ...                                      train=True, layout="NHWC")
+      >>> bool(jnp.allclose(y_nhwc, y.transpose(0, 2, 3, 1), atol=1e-6))
+      True
     """
     x = _checks.check_float_array("x", x)
     check_image_layout("layout", layout, x.shape)
@@ -197,11 +227,16 @@ def check_axis_name(axis_name: Any, axis_index_groups: Any = None) -> Any:
     try:
         psum(1, axis_name)
     except NameError:
-        raise ValueError(
+        raise UnboundAxisNameError(
             f"axis_name {axis_name!r} is not bound here: call batch norm inside jax.vmap, "
             f"jax.shard_map or jax.pmap with that axis name, or pass axis_name=None."
         ) from None
     return axis_name
+
+
+class UnboundAxisNameError(NameError, ValueError):
+    """An ``axis_name`` no enclosing ``vmap``/``shard_map``/``pmap`` binds: a ``NameError``, as
+    JAX raises for an unbound axis name, and a ``ValueError``, as for any bad argument."""
 
 
 def check_mask(mask: Any, lay: Layout) -> jax.Array | None:
@@ -214,16 +249,7 @@ def check_mask(mask: Any, lay: Layout) -> jax.Array | None:
         expected = tuple(n for a, n in enumerate(lay.shape) if a != lay.feature_axis)
         raise ValueError(f"mask must have x's shape without the feature axis, {expected} (size 1 "
                          f"broadcasts); got shape {tuple(mask.shape)}.")
-    full = jnp.broadcast_to(mask.reshape(full), _unit(lay.shape, lay.feature_axis))
-    return full.reshape(_unit(lay.view, *_param_axes(lay)))
-
-
-def _unit(shape, *axes):
-    return tuple(1 if a in axes else n for a, n in enumerate(shape))
-
-
-def _param_axes(lay: Layout) -> tuple[int, ...]:
-    return tuple(a for a, n in enumerate(lay.param_view) if n != 1)
+    return jnp.broadcast_to(mask.reshape(full), lay.position_shape).reshape(lay.position_view)
 
 
 def check_param(name: str, p: Any, lay: Layout) -> jax.Array:
@@ -273,7 +299,7 @@ def _affine_params(gamma, beta, lay, x_dtype):
     gamma = None if gamma is None else check_param("gamma", gamma, lay)
     beta = None if beta is None else check_param("beta", beta, lay)
     given = [a.dtype for a in (gamma, beta) if a is not None]
-    dtype = jnp.result_type(*given) if given else _checks.stat_dtype(x_dtype)
+    dtype = _checks.common_dtype(*given) if given else _checks.stat_dtype(x_dtype)
     gamma = jnp.ones(lay.param_shape, dtype) if gamma is None else gamma.astype(dtype)
     beta = jnp.zeros(lay.param_shape, dtype) if beta is None else beta.astype(dtype)
     return gamma.reshape(lay.param_view), beta.reshape(lay.param_view)
@@ -285,6 +311,7 @@ def prepare(x, gamma, beta, state, lay: Layout, *, momentum, eps, backward, axis
     _checks.check_choice("backward", backward, BACKWARDS)
     _checks.check_choice("running_var", running_var, RUNNING_VARS)
     eps = _checks.check_real("eps", eps, low=0.0, low_open=True)
+    x = _checks.check_float_array("x", x)
     gamma, beta = _affine_params(gamma, beta, lay, x.dtype)
     state = jax.tree.map(jax.lax.stop_gradient, check_state(state, lay))
     if momentum is None:
@@ -298,13 +325,14 @@ def prepare(x, gamma, beta, state, lay: Layout, *, momentum, eps, backward, axis
     axis_name = check_axis_name(axis_name, axis_index_groups)
     mask = check_mask(mask, lay)
     renorm = _renorm.check_renorm(renorm, mask=mask, axis_name=axis_name, layout=lay)
-    config = Config(stat_axes=lay.stat_axes, eps=eps, backward=backward, axis_name=axis_name)
+    config = configure(lay, eps=eps, backward=backward, x_dtype=x.dtype, param_dtype=gamma.dtype,
+                       axis_name=axis_name, masked=mask is not None, kernels=renorm is None)
     return Prepared(x.reshape(lay.view), gamma, beta, state, mask, config, momentum, lay,
                     running_var, renorm)
 
 
 def _check_batch_size(p: Prepared) -> None:
-    count = p.layout.count
+    count = p.layout.values_per_stat
     if p.config.axis_name is not None:
         count *= psum(1, p.config.axis_name)
     if count < 2 and p.mask is None:
@@ -335,7 +363,7 @@ def _batch_norm(x, gamma, beta, state, lay, *, train, **options):
 def _values_per_statistic(p: Prepared, dtype: Any) -> jax.Array:
     """``m`` of each statistic, across devices: the valid entries' count with a mask."""
     if p.mask is None:
-        m = jnp.asarray(p.layout.count, dtype)
+        m = jnp.asarray(p.layout.values_per_stat, dtype)
     else:
         unit = tuple(1 if a not in p.layout.stat_axes else n for a, n in enumerate(p.layout.view))
         m = jnp.sum(jnp.broadcast_to(p.mask, unit), axis=p.layout.stat_axes).reshape(-1)
@@ -374,6 +402,7 @@ def update_state(state: BatchNormState, mean: jax.Array, var: jax.Array,
     mean, var = jax.lax.stop_gradient((mean, var))
     count = None if state.count is None else state.count + 1
     if momentum is None:
+        assert count is not None  # prepare() requires a counter for momentum=None
         weight = 1.0 / count.astype(state.mean.dtype)
         return BatchNormState((state.mean + (mean - state.mean) * weight).astype(state.mean.dtype),
                               (state.var + (var - state.var) * weight).astype(state.var.dtype),

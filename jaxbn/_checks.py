@@ -7,7 +7,8 @@ Every check runs at trace time on static information (shapes, dtypes, Python opt
 from __future__ import annotations
 
 import numbers
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,16 +39,23 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {allowed}; got {value!r}.")
 
 
+def default_float() -> jnp.dtype:
+    """JAX's default float: float32, float64 with ``jax_enable_x64``."""
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
+
+
 def check_float_array(name: str, x: Any) -> jax.Array:
-    """Returns ``x`` as an array after checking that it has a floating dtype."""
+    """Returns ``x`` as a floating array: floating dtypes as they are, integers promoted to JAX's
+    default float (as ``x * 1.0`` would promote them); anything else is refused."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64); "
-            f"got {x.dtype}."
-        )
-    return jnp.asarray(x)
+    dtype = jnp.dtype(x.dtype)
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.asarray(x)
+    if jnp.issubdtype(dtype, jnp.integer):
+        return jnp.asarray(x, default_float())
+    raise TypeError(f"{name} must be a floating (float16, bfloat16, float32 or float64) or "
+                    f"integer array; got dtype {dtype}.")
 
 
 def check_ndim(name: str, x: jax.Array, *, min_ndim: int | None = None,
@@ -115,8 +123,20 @@ def check_real(name: str, value: Any, *, low: float, high: float | None = None,
 
 
 def stat_dtype(*dtypes: Any) -> jnp.dtype:
-    """The dtype statistics are accumulated in: at least float32, float64 under x64 inputs."""
-    return jnp.result_type(jnp.float32, *dtypes)
+    """The dtype statistics are accumulated in: float32, or float64 when an input is float64.
+
+    Chosen without ``jnp.result_type``, so that it holds under
+    ``jax.numpy_dtype_promotion("strict")`` for bfloat16/float16 inputs too.
+    """
+    wide = any(jnp.dtype(d) == jnp.float64 for d in dtypes)
+    return jnp.dtype(jnp.float64 if wide else jnp.float32)
+
+
+def common_dtype(*dtypes: Any) -> jnp.dtype:
+    """One floating dtype for parameters given in several: theirs if they agree, else float32
+    (float64 if one is float64). No ``jnp.result_type``, so strict promotion holds."""
+    unique = {jnp.dtype(d) for d in dtypes}
+    return unique.pop() if len(unique) == 1 else stat_dtype(*unique)
 
 
 def check_bool_mask(mask: Any) -> jax.Array:

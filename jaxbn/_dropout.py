@@ -19,8 +19,8 @@ def _check_key(key: Any) -> None:
     dtype = getattr(key, "dtype", None)
     if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
         if key.ndim:
-            raise ValueError(f"key must be a single PRNG key (vmap over a batch of keys); got a key "
-                             f"array of shape {tuple(key.shape)}.")
+            raise ValueError(f"key must be a single PRNG key (vmap over a batch of keys); got a "
+                             f"key array of shape {tuple(key.shape)}.")
         return
     if dtype == jnp.uint32 and getattr(key, "shape", None) == (2,):
         return
@@ -34,7 +34,8 @@ def _check_broadcast_dims(broadcast_dims: Any, ndim: int) -> tuple[int, ...]:
     try:
         dims = tuple(broadcast_dims)
     except TypeError:
-        raise TypeError(f"broadcast_dims must be a tuple of ints; got {broadcast_dims!r}.") from None
+        raise TypeError(f"broadcast_dims must be a tuple of ints; got {broadcast_dims!r}.") \
+            from None
     normalized = []
     for d in dims:
         if isinstance(d, bool) or not isinstance(d, (int, np.integer)):
@@ -46,7 +47,7 @@ def _check_broadcast_dims(broadcast_dims: Any, ndim: int) -> tuple[int, ...]:
     return tuple(sorted(set(normalized)))
 
 
-def dropout(key: jax.Array | None, x: jax.Array, *, rate: float, train: bool,
+def dropout(key: jax.Array | None, x: jax.Array, *, rate: float | jax.Array, train: bool,
             broadcast_dims: tuple[int, ...] = ()) -> jax.Array:
     r"""Inverted dropout: zero each element with probability ``rate``, scale the rest.
 
@@ -83,11 +84,17 @@ def dropout(key: jax.Array | None, x: jax.Array, *, rate: float, train: bool,
       ValueError: ``rate`` outside [0, 1], ``broadcast_dims`` out of range.
 
     Example:
+      >>> import jax, jax.numpy as jnp, jaxbn
+      >>> x = jnp.ones((4, 5))
       >>> y = jaxbn.dropout(jax.random.key(0), x, rate=0.5, train=True)
+      >>> sorted(set(y.ravel().tolist()))  # dropped, or kept and scaled by 1 / (1 - rate)
+      [0.0, 2.0]
+      >>> bool(jnp.all(jaxbn.dropout(None, x, rate=0.5, train=False) == x))  # test mode
+      True
     """
     _checks.check_train(train)
     traced = isinstance(rate, jax.core.Tracer)
-    if traced:
+    if isinstance(rate, jax.core.Tracer):
         if rate.shape != () or not jnp.issubdtype(rate.dtype, jnp.floating):
             raise TypeError(f"rate must be a scalar float; got a traced {rate.dtype} of shape "
                             f"{tuple(rate.shape)}.")

@@ -6,7 +6,8 @@ output channels, input channels, height, width.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,18 @@ def fold_batch_norm(w: jax.Array, b: jax.Array | None, gamma: jax.Array | None,
 
     Returns:
       ``(w', b')`` in ``w``'s dtype (computed in float32 or wider).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxbn
+      >>> key_w, key_x = jax.random.split(jax.random.key(0))
+      >>> w, b = jax.random.normal(key_w, (5, 3)), jnp.array([0.5, 0.0, -0.5])
+      >>> gamma, beta = jnp.array([1.0, 2.0, 0.5]), jnp.array([0.0, 1.0, -1.0])
+      >>> state = jaxbn.BatchNormState(jnp.array([0.1, -0.2, 0.3]), jnp.array([1.5, 0.5, 2.0]))
+      >>> x = jax.random.normal(key_x, (16, 5))
+      >>> y, _ = jaxbn.batch_norm(x @ w + b, gamma, beta, state, train=False)
+      >>> w_folded, b_folded = jaxbn.fold_batch_norm(w, b, gamma, beta, state)
+      >>> bool(jnp.allclose(x @ w_folded + b_folded, y, atol=1e-5))
+      True
     """
     _checks.check_choice("kernel_layout", kernel_layout, KERNEL_LAYOUTS)
     eps = _checks.check_real("eps", eps, low=0.0, low_open=True)
@@ -101,6 +114,18 @@ def recompute_batch_stats(apply_fn: Callable, params: Any, net_state: Any,
 
     Returns:
       ``net_state`` with every batch norm's ``mean``/``var`` replaced.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxbn
+      >>> from jaxbn import nets
+      >>> params, state = nets.init_mlp(jax.random.key(0), 4, [8], 3, normalization="batchnorm")
+      >>> batches = [jax.random.normal(jax.random.key(i), (16, 4)) + i for i in range(3)]
+      >>> precise = jaxbn.recompute_batch_stats(nets.apply_mlp, params, state, batches)
+      >>> h = jnp.concatenate(batches) @ params["W1"] + params["b1"]  # the first BN's input
+      >>> bool(jnp.allclose(precise.batch_norm[0].mean, h.mean(0), atol=1e-5))
+      True
+      >>> bool(jnp.allclose(precise.batch_norm[0].var, h.var(0), rtol=1e-4))
+      True
     """
     @jax.jit
     def batch_statistics(params, x, key):
@@ -120,12 +145,12 @@ def recompute_batch_stats(apply_fn: Callable, params: Any, net_state: Any,
         raise ValueError("batches must hold at least one batch.")
     # Population variance = mean of the batch variances + variance of the batch means (the second
     # from centered batch means: no cancellation when |mean| >> spread).
-    population = []
+    moments = []
     for layer in range(len(means[0])):
         m = np.stack([batch[layer] for batch in means])
         v = np.stack([batch[layer] for batch in variances])
-        population.append((m.mean(0), v.mean(0) + np.square(m - m.mean(0)).mean(0)))
-    population = iter(population)
+        moments.append((m.mean(0), v.mean(0) + np.square(m - m.mean(0)).mean(0)))
+    population = iter(moments)
 
     def replace(s):
         if not _is_state(s):

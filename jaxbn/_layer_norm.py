@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxbn import _checks, _layout
 from jaxbn._batch_norm import _affine_params
 from jaxbn._layout import check_image_layout
-from jaxbn._normalize import BACKWARDS, Config, normalize
+from jaxbn._normalize import BACKWARDS, configure, normalize
 
 
 def _check_common(eps, backward):
@@ -50,6 +50,13 @@ def layer_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None, *,
     Raises:
       TypeError: non-floating ``x`` or parameters. ValueError: rank 0 ``x``, parameter shapes,
       ``eps <= 0``, unknown ``backward``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxbn
+      >>> x = jnp.array([[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]])
+      >>> y = jaxbn.layer_norm(x, jnp.ones(3), jnp.zeros(3))
+      >>> bool(jnp.allclose(y, jnp.array([-1.2247, 0.0, 1.2247]), atol=1e-4))  # every row
+      True
     """
     eps = _check_common(eps, backward)
     x = _checks.check_float_array("x", x)
@@ -59,10 +66,12 @@ def layer_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None, *,
     return _apply(x, gamma, beta, lay, eps, backward, mask)
 
 
-def prepare(x, gamma, beta, lay, eps, backward):
+def prepare(x, gamma, beta, lay, eps, backward, masked=False):
     """Checks the parameters against the layout; returns the core's inputs in its view."""
+    x = _checks.check_float_array("x", x)
     gamma, beta = _affine_params(gamma, beta, lay, x.dtype)
-    config = Config(stat_axes=lay.stat_axes, eps=eps, backward=backward)
+    config = configure(lay, eps=eps, backward=backward, x_dtype=x.dtype, param_dtype=gamma.dtype,
+                       masked=masked)
     return x.reshape(lay.view), gamma, beta, config
 
 
@@ -81,7 +90,8 @@ def _check_mask(mask, lay):
 
 def _apply(x, gamma, beta, lay, eps, backward, mask=None):
     mask = _check_mask(mask, lay)
-    return normalize(*prepare(x, gamma, beta, lay, eps, backward), mask)[0].reshape(lay.shape)
+    core = prepare(x, gamma, beta, lay, eps, backward, masked=mask is not None)
+    return normalize(*core, mask)[0].reshape(lay.shape)
 
 
 def group_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None, *, groups: int,
@@ -117,6 +127,16 @@ def group_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None, *,
     Raises:
       TypeError: non-floating input, non-int ``groups``. ValueError: rank, parameter shapes,
       ``groups`` not a positive divisor of ``C``, unknown ``layout``/``backward``, ``eps <= 0``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxbn
+      >>> x = 5.0 * jax.random.normal(jax.random.key(0), (2, 6, 4, 4)) + 2.0  # (N, C, H, W)
+      >>> y = jaxbn.group_norm(x, jnp.ones(6), jnp.zeros(6), groups=3)
+      >>> per_group = y.reshape(2, 3, -1)  # (example, group, its 2 x 4 x 4 values)
+      >>> bool(jnp.allclose(per_group.mean(-1), 0, atol=1e-5))
+      True
+      >>> bool(jnp.allclose(per_group.std(-1), 1, atol=1e-3))
+      True
     """
     eps = _check_common(eps, backward)
     x = _checks.check_float_array("x", x)
@@ -130,8 +150,8 @@ def group_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None, *,
     # Splitting the channel axis in two is a free reshape (no copy); the statistics then reduce
     # over (channels in group, H, W) in place.
     lay = _layout.layout(x.shape, "group", image_layout=layout, groups=groups)
-    if lay.count < 2:
+    if lay.values_per_stat < 2:
         raise ValueError(f"each group must hold at least 2 values per example (the variance of "
-                         f"one value is 0); got {lay.count} with groups={groups} on x of shape "
-                         f"{tuple(x.shape)}, layout={layout!r}. Use fewer groups.")
+                         f"one value is 0); got {lay.values_per_stat} with groups={groups} on x "
+                         f"of shape {tuple(x.shape)}, layout={layout!r}. Use fewer groups.")
     return _apply(x, gamma, beta, lay, eps, backward, mask)

@@ -13,33 +13,94 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-NORMS = ("batch", "layer", "group")
+NORMS = ("batch", "layer", "group")  # what layout() is asked for; "instance" is a kind of group
 # Image layouts: channels-first ("NC...") or channels-last ("N...C"), one letter per axis.
 IMAGE_LAYOUTS = ("NCHW", "NHWC", "NCW", "NWC", "NCDHW", "NDHWC")
 
 
 class Layout(NamedTuple):
-    """How a normalization views ``x``: the answer of :func:`layout`."""
+    """How a normalization views ``x``: the answer of :func:`layout`, decided once per call.
 
+    Every later step reads these facts; nothing downstream re-derives them from array shapes.
+    """
+
+    kind: str  # "batch", "layer", "group" or "instance" (group norm with one channel a group)
     shape: tuple[int, ...]  # x's shape
     view: tuple[int, ...]  # x.reshape(view) is free (no copy): the shape the core works on
     stat_axes: tuple[int, ...]  # axes of the view the statistics reduce over
-    param_view: tuple[int, ...]  # gamma.reshape(param_view) broadcasts against the view
+    param_axes: tuple[int, ...]  # axes of the view gamma and beta vary along
     param_shape: tuple[int, ...]  # the shape of gamma, beta and the running statistics
     feature_axis: int | None  # axis of x the parameters vary along (None: several, layer norm)
     group_axes: tuple[int, ...] = ()  # axes of the view holding virtual batches (averaged for
     #                                   the running statistics)
-    hint: str = ""  # what to try when a parameter has the wrong shape
+    image_layout: str | None = None  # "NCHW", "NHWC", ... when the call named one
 
     @property
-    def count(self) -> int:
+    def param_view(self) -> tuple[int, ...]:
+        """``gamma.reshape(param_view)`` broadcasts against the view."""
+        return tuple(n if a in self.param_axes else 1 for a, n in enumerate(self.view))
+
+    @property
+    def grad_axes(self) -> tuple[int, ...]:
+        """Axes of the view the gradients of gamma and beta sum over."""
+        return tuple(a for a in range(len(self.view)) if a not in self.param_axes)
+
+    @property
+    def values_per_stat(self) -> int:
         """Values per statistic (on this device)."""
         return int(np.prod([self.view[a] for a in self.stat_axes], dtype=np.int64))
 
+    @property
+    def native_view(self) -> tuple[int, int, int] | None:
+        """``(rows, channels, inner)``: x as rows of one feature axis of inner values, the
+        batch-norm kernel's layout (a free reshape), for batch norm over every axis but the
+        feature axis; None for every other normalization."""
+        c = self.feature_axis
+        if self.kind != "batch" or c is None or self.group_axes or not all(self.shape):
+            return None
+        return (int(np.prod(self.shape[:c], dtype=np.int64)), self.shape[c],
+                int(np.prod(self.shape[c + 1:], dtype=np.int64)))
+
+    @property
+    def position_shape(self) -> tuple[int, ...]:
+        """x's shape with size 1 along the feature axis: one entry per position."""
+        return tuple(1 if a == self.feature_axis else n for a, n in enumerate(self.shape))
+
+    @property
+    def position_view(self) -> tuple[int, ...]:
+        """The view with size 1 along the parameter axes (``position_shape`` in the view)."""
+        return tuple(1 if a in self.param_axes else n for a, n in enumerate(self.view))
+
     def param_error(self, name: str, got: tuple[int, ...]) -> ValueError:
+        """The error for a parameter of shape ``got``, with the fix that fits what came."""
+        got = tuple(int(n) for n in got)
         what = "one value per feature" if len(self.param_shape) == 1 else "x's trailing shape"
-        return ValueError(f"{name} must have shape {self.param_shape}, {what}; got shape "
-                          f"{tuple(got)}.{self.hint}")
+        message = f"{name} must have shape {self.param_shape}, {what}; got shape {got}."
+        return ValueError(message + self._param_hint(name, got))
+
+    def _param_hint(self, name: str, got: tuple[int, ...]) -> str:
+        size = int(np.prod(got, dtype=np.int64))
+        if len(self.param_shape) != 1:
+            return ""
+        if size == self.param_shape[0]:
+            return (f" It holds the right number of values: pass {name}.reshape(-1) (shapes "
+                    f"that would broadcast are refused rather than broadcast silently).")
+        if self.image_layout is not None:
+            other = _other_layout(self.image_layout)
+            if self.shape[channel_axis(other, len(self.shape))] == size:
+                return _layout_hint(self.shape, self.image_layout)
+            return ""
+        axis = self.feature_axis
+        matches = [a for a, n in enumerate(self.shape) if n == size and a != axis]
+        if self.kind != "batch" or axis is None or not matches:
+            return ""
+        hint = (f" batch_norm normalizes along axis={axis - len(self.shape)} "
+                f"(size {self.shape[axis]}) here; {name} matches axis "
+                f"{matches[0]} (size {size}): pass axis={matches[0]}.")
+        if len(self.shape) >= 3:
+            hint += (" For images use jaxbn.spatial_batch_norm(x, ..., layout='NCHW' or "
+                     "'NHWC').")
+        return hint
 
     def mask_view(self, mask_shape: tuple[int, ...]) -> tuple[int, ...] | None:
         """The view a mask of x's shape without the feature axis takes, or None if it cannot."""
@@ -79,28 +140,28 @@ def layout(shape: tuple[int, ...], norm: str, *, axis: int = -1, image_layout: s
     """
     shape = tuple(int(n) for n in shape)
     ndim = len(shape)
-    hint = ""
     if image_layout is not None:
         axis = channel_axis(image_layout, ndim)
-        hint = _layout_hint(shape, image_layout)
     if norm == "layer":
         axes = tuple(range(ndim - num_axes, ndim))
-        param_view = (1,) * (ndim - num_axes) + shape[ndim - num_axes:]
-        return Layout(shape, shape, axes, param_view, shape[ndim - num_axes:], None, hint=hint)
-    param_view = tuple(n if a == axis else 1 for a, n in enumerate(shape))
+        return Layout("layer", shape, shape, axes, axes, shape[ndim - num_axes:], None,
+                      image_layout=image_layout)
     if norm == "batch":
         if virtual_batch_size is None or virtual_batch_size == shape[0]:
             axes = tuple(a for a in range(ndim) if a != axis)
-            return Layout(shape, shape, axes, param_view, (shape[axis],), axis, hint=hint)
+            return Layout("batch", shape, shape, axes, (axis,), (shape[axis],), axis,
+                          image_layout=image_layout)
         # (N, ...) -> (N / K, K, ...): axis 0 indexes the virtual batches.
         view = (shape[0] // virtual_batch_size, virtual_batch_size) + shape[1:]
         axes = tuple(a for a in range(1, ndim + 1) if a != axis + 1)
-        return Layout(shape, view, axes, (1,) + param_view, (shape[axis],), axis, (0,), hint)
+        return Layout("batch", shape, view, axes, (axis + 1,), (shape[axis],), axis, (0,),
+                      image_layout)
     # Group norm: (..., C, ...) -> (..., G, C / G, ...), a free reshape.
     view = shape[:axis] + (groups, shape[axis] // groups) + shape[axis + 1:]
-    param_view = (1,) * axis + (groups, shape[axis] // groups) + (1,) * (ndim - axis - 1)
     axes = tuple(a for a in range(1, ndim + 1) if a != axis)
-    return Layout(shape, view, axes, param_view, (shape[axis],), axis, hint=hint)
+    kind = "instance" if groups == shape[axis] else "group"
+    return Layout(kind, shape, view, axes, (axis, axis + 1), (shape[axis],), axis,
+                  image_layout=image_layout)
 
 
 def _layout_hint(shape: tuple[int, ...], image_layout: str) -> str:
@@ -138,8 +199,8 @@ def check_virtual_batch_size(virtual_batch_size: Any, shape: tuple[int, ...],
     """A positive int that divides the batch (axis 0, which must not be the feature axis)."""
     if virtual_batch_size is None:
         return None
-    if (isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, (int, np.integer))
-            or virtual_batch_size < 1):
+    if (isinstance(virtual_batch_size, bool)
+            or not isinstance(virtual_batch_size, (int, np.integer)) or virtual_batch_size < 1):
         raise ValueError(f"virtual_batch_size must be a positive int; got {virtual_batch_size!r}.")
     if feature_axis == 0:
         raise ValueError("virtual_batch_size splits the batch axis 0, but axis 0 is the feature "

@@ -1,10 +1,12 @@
 """The native CPU kernels (``jaxbn/_kernels.cc``, XLA FFI) behind the ``"alt"`` rule.
 
-:func:`forward` and :func:`backward` are the CPU implementation of
-``_normalize_core_fwd`` / ``alt_rule`` for batch norm: the same inputs, outputs and residuals.
-They run when the extension was built (``pip install -e .`` with a C++ compiler), the default
-backend is the CPU, the layout is one feature axis with the statistics over all the others, and
-``JAXBN_NATIVE`` is not ``0``; otherwise the jnp rules run. Each native call is a ``custom_jvp``
+:func:`forward` and :func:`backward` are the CPU implementation of the formulas in
+:mod:`jaxbn._rules` (``statistics`` + ``scale_shift``, ``alt_rule``) for batch norm: the same
+inputs, outputs and residuals. :func:`decide` says, once per call, whether they run: the
+extension was built (``pip install -e .`` with a C++ compiler), the default backend is the CPU,
+the call is a batch norm whose layout the kernels take (``Layout.native_view``), the rule is
+``"alt"`` without mask or ``axis_name``, and ``JAXBN_NATIVE`` is not ``0``; otherwise the jnp
+rules run. Each native call is a ``custom_jvp``
 whose derivative is the jnp rule's, so reverse-over-reverse and ``jax.hessian`` differentiate
 exactly what the jnp path would. Under ``jax.vmap`` the kernel receives the mapped axis as
 independent batches (``vmap_method="broadcast_all"``): statistics per batch, no serial loop.
@@ -13,7 +15,6 @@ independent batches (``vmap_method="broadcast_all"``): statistics per batch, no 
 from __future__ import annotations
 
 import functools
-import math
 import os
 import warnings
 from typing import Any
@@ -21,6 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxbn import _rules
 
 try:
     from jaxbn import _kernels
@@ -32,10 +35,10 @@ except ImportError as error:  # not built: no compiler at install time, or a sou
 
 ENV = "JAXBN_NATIVE"  # "0" forces the jnp rules
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
-_warned = []
+_warned: list[bool] = []
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _registration_error() -> str | None:
     """Registers the kernels with XLA once; the reason if XLA refuses them (an extension built
     against a newer jaxlib than the one installed)."""
@@ -55,6 +58,12 @@ def native_status() -> dict[str, Any]:
       ``{"built": bool, "enabled": bool, "reason": str}``: ``built`` when the extension
       compiled at install time; ``enabled`` when batch norm's ``"alt"`` rule uses it on the CPU
       (``JAXBN_NATIVE=0`` in the environment turns it off); ``reason`` says which.
+
+    Example:
+      >>> import jaxbn
+      >>> status = jaxbn.native_status()
+      >>> sorted(status), isinstance(status["enabled"], bool)
+      (['built', 'enabled', 'reason'], True)
     """
     if _kernels is None:
         return {"built": False, "enabled": False, "reason": _UNAVAILABLE}
@@ -76,25 +85,15 @@ def _enabled() -> bool:
     return status["enabled"] and jax.default_backend() == "cpu"
 
 
-def canonical_view(shape: tuple[int, ...], stat_axes: tuple[int, ...],
-                   param_shape: tuple[int, ...]) -> tuple[int, int, int] | None:
-    """``(R, C, S)`` when the statistics reduce over every axis but one (C, where the
-    parameters vary): x is then ``(R, C, S)`` in memory, a free reshape. None otherwise."""
-    features = [a for a in range(len(shape)) if a not in stat_axes]
-    if len(features) != 1 or any(n != 1 for a, n in enumerate(param_shape) if a != features[0]):
-        return None
-    c = features[0]
-    return math.prod(shape[:c]), shape[c], math.prod(shape[c + 1:])
-
-
-def applies(x: jax.Array, gamma: jax.Array, beta: jax.Array, config: Any) -> bool:
-    """Whether the native kernels compute this call of the core."""
-    if config.backward != "alt" or config.axis_name is not None or x.dtype not in DTYPES:
+def decide(view: tuple[int, int, int] | None, x_dtype: Any, param_dtype: Any) -> bool:
+    """Whether the native kernels compute a batch norm whose layout has the kernel ``view``
+    (``Layout.native_view``; None for every other normalization). Called once per call; the
+    forward and the backward read the answer from the core's config."""
+    if view is None or jnp.dtype(x_dtype) not in DTYPES:
         return False
-    if canonical_view(x.shape, config.stat_axes, gamma.shape) is None or x.size == 0:
-        return False
-    stat = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
-    if jnp.result_type(gamma.dtype, beta.dtype, stat) != stat:
+    # The kernels take gamma and beta in the statistics' dtype: float32, or float64 for float64.
+    wide = jnp.dtype(x_dtype) == jnp.float64
+    if jnp.dtype(param_dtype) == jnp.float64 and not wide:
         return False
     return _enabled()
 
@@ -104,16 +103,16 @@ def _stat_dtype(x):
 
 
 def _jnp_forward(x, gamma, beta, config):
-    from jaxbn._normalize import scale_shift, statistics  # the rule this kernel implements
-    mean, var, inv_std = statistics(x, config, _stat_dtype(x))
-    return scale_shift(x, mean, inv_std, gamma, beta), mean, var
+    mean, var = _rules.statistics(x, config, _stat_dtype(x))
+    inv_std = jax.lax.rsqrt(var + config.eps)
+    return _rules.scale_shift(x, mean, inv_std, gamma, beta), mean, var
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def forward(x, gamma, beta, config):
-    """``(y, mean, var)`` as ``_normalize_core_fwd`` computes them (statistics with x's rank,
-    size 1 along the reduced axes)."""
-    rows, channels, inner = canonical_view(x.shape, config.stat_axes, gamma.shape)
+    """``(y, mean, var)`` as the jnp rule computes them (statistics with x's rank, size 1 along
+    the reduced axes), for ``config.native == (rows, channels, inner)``."""
+    rows, channels, inner = config.native
     stat = _stat_dtype(x)
     keep = tuple(1 if a in config.stat_axes else n for a, n in enumerate(x.shape))
     y, mean, var = jax.ffi.ffi_call(
@@ -132,14 +131,13 @@ def _forward_jvp(config, primals, tangents):
 
 
 def _jnp_backward(x, dy, mean, inv_std, gamma, config):
-    from jaxbn._normalize import Residuals, alt_rule
-    return alt_rule(config, Residuals(x, mean, inv_std, gamma), dy)
+    return _rules.alt_rule(config, _rules.Residuals(x, mean, inv_std, gamma), dy)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def backward(x, dy, mean, inv_std, gamma, config):
-    """``(dx, dgamma, dbeta)`` as :func:`jaxbn._normalize.alt_rule` computes them."""
-    rows, channels, inner = canonical_view(x.shape, config.stat_axes, gamma.shape)
+    """``(dx, dgamma, dbeta)`` as :func:`jaxbn._rules.alt_rule` computes them."""
+    rows, channels, inner = config.native
     stat = mean.dtype
     dx, dgamma, dbeta = jax.ffi.ffi_call(
         "jaxbn_batch_norm_backward",

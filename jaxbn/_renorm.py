@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbn._checks import stat_dtype
-from jaxbn._normalize import (Config, Residuals, _reverse_mode_only, alt_rule, graph_rule,
-                              scale_shift, statistics)
+from jaxbn._normalize import reverse_mode_only
+from jaxbn._rules import Config, Residuals, alt_rule, graph_rule, scale_shift, statistics
 
 
 def check_renorm(renorm: Any, *, mask: Any, axis_name: Any, layout: Any):
@@ -58,7 +58,7 @@ def renormalize(x, gamma, beta, running_mean, running_var, r_max, d_max, config:
         (y, mean, var), _ = _forward(x, gamma, beta, running_mean, running_var, r_max, d_max,
                                      config, jax.lax.stop_gradient)
         return y, mean, var
-    return _reverse_mode_only(_renorm_core, x, gamma, beta, running_mean, running_var, r_max,
+    return reverse_mode_only(_renorm_core, x, gamma, beta, running_mean, running_var, r_max,
                               d_max, config)
 
 
@@ -76,7 +76,8 @@ def _forward(x, gamma, beta, running_mean, running_var, r_max, d_max, config, ho
     """``((y, mean, var), residuals)``; ``hold`` is applied to ``r`` and ``d`` (stop_gradient for
     JAX's own differentiation; the hand-written rule treats them as constants anyway)."""
     dtype = stat_dtype(x.dtype, gamma.dtype, beta.dtype)
-    mean, var, inv_std = statistics(x, config, dtype)
+    mean, var = statistics(x, config, dtype)
+    inv_std = jax.lax.rsqrt(var + config.eps)
     inv_sigma_running = jax.lax.rsqrt(running_var.astype(dtype) + config.eps)
     r_max, d_max = r_max.astype(dtype), d_max.astype(dtype)
     r = hold(jnp.clip(inv_sigma_running / inv_std, 1.0 / r_max, r_max))

@@ -24,16 +24,19 @@ Differences from Equinox, on purpose:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 
 from jaxbn import _adapter
-from jaxbn._batch_norm import BatchNormState, batch_norm
+from jaxbn._batch_norm import BatchNormState, batch_norm, check_axis_name
 from jaxbn._dropout import dropout
 from jaxbn._layer_norm import group_norm, layer_norm
 
-eqx = _adapter.require("equinox", "equinox")
+if TYPE_CHECKING:
+    import equinox as eqx
+else:  # an ImportError that names the extra to install
+    eqx = _adapter.require("equinox", "equinox")
 
 __all__ = ["BatchNorm", "Dropout", "GroupNorm", "LayerNorm", "debiased_statistics"]
 
@@ -77,21 +80,31 @@ class BatchNorm(eqx.nn.BatchNorm):
                              f"Equinox's 'ema'/'legacy' mode normalizes training batches with "
                              f"the running averages: use eqx.nn.BatchNorm for it.")
         super().__init__(input_size, axis_name, eps, channelwise_affine, momentum, inference,
-                         dtype, mode)
+                         dtype, "batch")
         self.backward = backward
 
     def __call__(self, x, state, *, key=None, inference: bool | None = None):
         frozen = _adapter.choose("inference", inference, self.inference, "pass inference=...")
+        if not frozen:  # as Equinox's layer: an unbound axis name first, then the shape
+            check_axis_name(self.axis_name)
+        if x.shape[:1] != (self.input_size,):
+            raise ValueError(
+                f"BatchNorm(input_size={self.input_size}) takes one example of shape "
+                f"({self.input_size}, ...); got x of shape {tuple(x.shape)}. Equinox layers are "
+                f"called per example: for a batch use jax.vmap(norm, axis_name="
+                f"{self.axis_name!r}, in_axes=(0, None), out_axes=(0, None))(x, state).")
         count = state.get(self.batch_counter)
-        hidden = state.get(self.batch_state_index)
-        stats = debiased_statistics(*hidden, count, self.momentum) if frozen else hidden
+        hidden_mean, hidden_var = state.get(self.batch_state_index)
+        stats = (debiased_statistics(hidden_mean, hidden_var, count, self.momentum) if frozen
+                 else (hidden_mean, hidden_var))
         y, new = batch_norm(x[None], self.weight, self.bias, BatchNormState(*stats),
                             train=not frozen, momentum=self.momentum, eps=self.eps, axis=1,
                             axis_name=self.axis_name, backward=self.backward)
         if not frozen:
             state = state.set(self.batch_counter, count + 1)
             state = state.set(self.batch_state_index,
-                              (new.mean.astype(hidden[0].dtype), new.var.astype(hidden[1].dtype)))
+                              (new.mean.astype(hidden_mean.dtype),
+                               new.var.astype(hidden_var.dtype)))
         return y[0], state
 
 

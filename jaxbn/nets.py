@@ -19,7 +19,8 @@ Shapes: ``N`` batch, ``D`` input features, ``C, H, W`` image channels/height/wid
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,7 @@ from jaxbn._batch_norm import BatchNormState, batch_norm, init_batch_norm_state,
 from jaxbn._dropout import dropout
 from jaxbn._layer_norm import group_norm, layer_norm
 from jaxbn._losses import l2_penalty, softmax_cross_entropy
+from jaxbn._normalize import BACKWARDS
 
 __all__ = ["NetState", "init_mlp", "apply_mlp", "init_conv_net", "apply_conv_net",
            "softmax_cross_entropy", "l2_penalty", "NORMALIZATIONS"]
@@ -42,6 +44,14 @@ class NetState:
 
     Only ``batch_norm`` holds arrays; the other fields are static metadata (part of the tree
     structure), so ``jit`` specializes on them and ``vmap`` leaves them alone.
+
+    Example:
+      >>> import dataclasses, jax
+      >>> from jaxbn import nets
+      >>> _, state = nets.init_mlp(jax.random.key(0), 4, [8, 8], 3, normalization="batchnorm")
+      >>> len(state.batch_norm), len(jax.tree.leaves(state))  # two layers, mean/var/count each
+      (2, 6)
+      >>> synced = dataclasses.replace(state, axis_name="data")  # synchronized batch norm
     """
 
     batch_norm: tuple[BatchNormState, ...]  # one per batch-normalized layer, in layer order
@@ -50,11 +60,12 @@ class NetState:
     momentum: float = 0.9  # batch norm's running-average momentum
     eps: float = 1e-5
     axis_name: Any = None  # mapped axis name(s) batch norm synchronizes over (data parallelism)
+    backward: str = "alt"  # the normalizations' backward rule: "alt", "graph" or "autodiff"
 
 
 jax.tree_util.register_dataclass(
     NetState, data_fields=["batch_norm"],
-    meta_fields=["normalization", "dropout_rate", "momentum", "eps", "axis_name"])
+    meta_fields=["normalization", "dropout_rate", "momentum", "eps", "axis_name", "backward"])
 
 
 def _check_dims(name: str, dims: Any) -> tuple[int, ...]:
@@ -67,10 +78,11 @@ def _check_dims(name: str, dims: Any) -> tuple[int, ...]:
     return dims
 
 
-def _check_options(normalization, dropout_rate, weight_scale):
+def _check_options(normalization, dropout_rate, weight_scale, backward):
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of None, 'batchnorm', 'layernorm'; "
                          f"got {normalization!r}.")
+    _checks.check_choice("backward", backward, BACKWARDS)
     rate = _checks.check_real("dropout_rate", dropout_rate, low=0.0, high=1.0)
     if rate == 1.0:
         raise ValueError("dropout_rate must be < 1 (1 drops every unit); got 1.0.")
@@ -87,8 +99,8 @@ def _weight(key, shape, fan_in, weight_scale, dtype):
 
 def init_mlp(key: jax.Array, input_dim: int, hidden_dims: Sequence[int], num_classes: int, *,
              normalization: str | None = None, dropout_rate: float = 0.0,
-             weight_scale: float | None = 1e-2,
-             dtype: Any = jnp.float32) -> tuple[dict[str, jax.Array], NetState]:
+             weight_scale: float | None = 1e-2, dtype: Any = jnp.float32,
+             backward: str = "alt") -> tuple[dict[str, jax.Array], NetState]:
     """Initializes the MLP: weights ``weight_scale * N(0, 1)``, biases and betas 0, gammas 1.
 
     Args:
@@ -100,15 +112,28 @@ def init_mlp(key: jax.Array, input_dim: int, hidden_dims: Sequence[int], num_cla
       dropout_rate: drop probability after each hidden relu; 0 disables dropout.
       weight_scale: standard deviation of the weights; None for He initialization.
       dtype: parameter dtype (running statistics stay float32 or wider).
+      backward: the normalizations' backward rule, ``"alt"`` (default), ``"graph"`` or
+        ``"autodiff"`` (see :func:`jaxbn.batch_norm`); kept in the state, so ``apply_mlp`` and
+        :func:`jaxbn.training.fit` use it.
 
     Returns:
       ``(params, state)``: params ``W1..WL, b1..bL`` (and ``gamma1.., beta1..`` with
       normalization), and a :class:`NetState`.
+
+    Example:
+      >>> import jax
+      >>> from jaxbn import nets
+      >>> params, state = nets.init_mlp(jax.random.key(0), 64, [100, 50], 10,
+      ...                               normalization="batchnorm", dropout_rate=0.1)
+      >>> sorted(params)
+      ['W1', 'W2', 'W3', 'b1', 'b2', 'b3', 'beta1', 'beta2', 'gamma1', 'gamma2']
+      >>> state.normalization, state.dropout_rate, state.backward
+      ('batchnorm', 0.1, 'alt')
     """
     input_dim = _checks.check_positive_int("input_dim", input_dim)
     num_classes = _checks.check_positive_int("num_classes", num_classes)
     hidden_dims = _check_dims("hidden_dims", hidden_dims)
-    rate = _check_options(normalization, dropout_rate, weight_scale)
+    rate = _check_options(normalization, dropout_rate, weight_scale, backward)
     dims = (input_dim, *hidden_dims, num_classes)
     keys = jax.random.split(key, len(dims) - 1)
     params, states = {}, []
@@ -120,7 +145,7 @@ def init_mlp(key: jax.Array, input_dim: int, hidden_dims: Sequence[int], num_cla
             params[f"beta{i}"] = jnp.zeros((fan_out,), dtype)
             if normalization == "batchnorm":
                 states.append(init_batch_norm_state(fan_out, _checks.stat_dtype(dtype)))
-    return params, NetState(tuple(states), normalization, rate)
+    return params, NetState(tuple(states), normalization, rate, backward=backward)
 
 
 def _num_layers(params: dict[str, Any], name: str) -> int:
@@ -142,10 +167,11 @@ def _normalize_hidden(h, gamma, beta, state, bn_state, *, train, spatial):
     if state.normalization == "batchnorm":
         norm = spatial_batch_norm if spatial else batch_norm
         return norm(h, gamma, beta, bn_state, train=train, momentum=state.momentum,
-                    eps=state.eps, axis_name=state.axis_name if train else None)
+                    eps=state.eps, axis_name=state.axis_name if train else None,
+                    backward=state.backward)
     if state.normalization == "layernorm":
-        h = (group_norm(h, gamma, beta, groups=1, eps=state.eps) if spatial
-             else layer_norm(h, gamma, beta, eps=state.eps))
+        h = (group_norm(h, gamma, beta, groups=1, eps=state.eps, backward=state.backward)
+             if spatial else layer_norm(h, gamma, beta, eps=state.eps, backward=state.backward))
     return h, None
 
 
@@ -173,6 +199,17 @@ def apply_mlp(params: dict[str, jax.Array], state: NetState, x: jax.Array, *, tr
 
     Returns:
       ``(scores, new_state)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxbn import nets
+      >>> params, state = nets.init_mlp(jax.random.key(0), 8, [16], 3, normalization="batchnorm",
+      ...                               dropout_rate=0.5)
+      >>> x = jax.random.normal(jax.random.key(1), (32, 8))
+      >>> scores, state = nets.apply_mlp(params, state, x, train=True, key=jax.random.key(2))
+      >>> scores.shape, int(state.batch_norm[0].count)
+      ((32, 3), 1)
+      >>> test_scores, _ = nets.apply_mlp(params, state, x, train=False)  # no key needed
     """
     _checks.check_train(train)
     num_layers = _num_layers(params, "W{}")
@@ -197,24 +234,34 @@ def init_conv_net(key: jax.Array, input_shape: Sequence[int] = (1, 8, 8),
                   conv_channels: Sequence[int] = (16, 32), hidden_dims: Sequence[int] = (100,),
                   num_classes: int = 10, *, normalization: str | None = None,
                   dropout_rate: float = 0.0, kernel_size: int = 3,
-                  weight_scale: float | None = None,
-                  dtype: Any = jnp.float32) -> tuple[dict[str, jax.Array], NetState]:
+                  weight_scale: float | None = None, dtype: Any = jnp.float32,
+                  backward: str = "alt") -> tuple[dict[str, jax.Array], NetState]:
     """Initializes the conv net: conv layers ``conv{i}_W`` ``(C_out, C_in, k, k)``, then the MLP.
 
     Each conv layer halves H and W (2x2 max pool, floor). ``normalization="batchnorm"`` puts
     spatial batch norm after each conv and batch norm in the head; ``"layernorm"`` puts group norm
     with one group (layer norm over C, H, W) after each conv and layer norm in the head.
-    ``weight_scale=None`` (default) is He initialization.
+    ``weight_scale=None`` (default) is He initialization. ``backward`` as in :func:`init_mlp`.
 
     Returns:
       ``(params, state)``.
+
+    Example:
+      >>> import jax
+      >>> from jaxbn import nets
+      >>> params, state = nets.init_conv_net(jax.random.key(0), (1, 8, 8), (16, 32), (100,), 10,
+      ...                                    normalization="batchnorm")
+      >>> params["conv1_W"].shape, params["W1"].shape  # two 2x2 pools: 8x8 -> 2x2
+      ((16, 1, 3, 3), (128, 100))
+      >>> len(state.batch_norm)  # two spatial batch norms and one in the head
+      3
     """
     input_shape = _check_dims("input_shape", input_shape)
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (C, H, W); got {input_shape!r}.")
     conv_channels = _check_dims("conv_channels", conv_channels)
     kernel_size = _checks.check_positive_int("kernel_size", kernel_size)
-    _check_options(normalization, dropout_rate, weight_scale)
+    _check_options(normalization, dropout_rate, weight_scale, backward)
     channels, height, width = input_shape
     keys = jax.random.split(key, len(conv_channels) + 1)
     params, states = {}, []
@@ -234,14 +281,27 @@ def init_conv_net(key: jax.Array, input_shape: Sequence[int] = (1, 8, 8),
                              f"{len(conv_channels)} conv layers with 2x2 pooling.")
     head, head_state = init_mlp(keys[-1], channels * height * width, hidden_dims, num_classes,
                                 normalization=normalization, dropout_rate=dropout_rate,
-                                weight_scale=weight_scale, dtype=dtype)
+                                weight_scale=weight_scale, dtype=dtype, backward=backward)
     params.update(head)
     return params, dataclasses.replace(head_state, batch_norm=tuple(states) + head_state.batch_norm)
 
 
 def apply_conv_net(params: dict[str, jax.Array], state: NetState, x: jax.Array, *, train: bool,
                    key: jax.Array | None = None) -> tuple[jax.Array, NetState]:
-    """Scores of the conv net for NCHW images ``(N, C, H, W) -> (N, K)``, and the new state."""
+    """Scores of the conv net for NCHW images ``(N, C, H, W) -> (N, K)``, and the new state.
+
+    Arguments and results as :func:`apply_mlp`'s, with ``x`` of shape ``(N, C, H, W)``.
+
+    Example:
+      >>> import jax
+      >>> from jaxbn import nets
+      >>> params, state = nets.init_conv_net(jax.random.key(0), (1, 8, 8), (4,), (16,), 10,
+      ...                                    normalization="batchnorm")
+      >>> images = jax.random.normal(jax.random.key(1), (5, 1, 8, 8))
+      >>> scores, state = nets.apply_conv_net(params, state, images, train=True)
+      >>> scores.shape
+      (5, 10)
+    """
     _checks.check_train(train)
     x = _checks.check_float_array("x", x)
     _checks.check_ndim("x", x, ndim=4, what="NCHW images")

@@ -13,7 +13,8 @@ Shape legend: ``N`` batch, ``D`` features, ``C, H, W`` channels, height, width, 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,14 @@ def normalize(x: jax.Array, gamma: jax.Array, beta: jax.Array, stat_axes: Sequen
     Returns:
       ``(y, mean, var)``: ``y`` in ``x.dtype``; ``mean`` and ``var`` (biased) keep the reduced axes
       as size 1.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxbn import reference
+      >>> x = jnp.array([[1.0], [3.0]])
+      >>> y, mean, var = reference.normalize(x, jnp.ones((1, 1)), jnp.zeros((1, 1)), (0,), 0.0)
+      >>> y.tolist(), mean.tolist(), var.tolist()
+      ([[-1.0], [1.0]], [[2.0]], [[1.0]])
     """
     dtype = _float_dtype(x.dtype, gamma.dtype, beta.dtype)
     axes = tuple(stat_axes)
@@ -79,7 +88,18 @@ def _feature_shape(ndim: int, axis: int, size: int) -> tuple[int, ...]:
 def batch_norm_train(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, axis: int = -1,
                      eps: float = 1e-5) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Train-mode batch norm: statistics over every axis but ``axis``; returns ``(y, mean, var)``
-    with ``mean``/``var`` of shape ``(D,)``."""
+    with ``mean``/``var`` of shape ``(D,)``.
+
+    Example: the ground truth for a gradient test of your own.
+
+      >>> import jax, jax.numpy as jnp, jaxbn
+      >>> from jaxbn import reference, testing
+      >>> x = jax.random.normal(jax.random.key(0), (16, 3))
+      >>> state = jaxbn.init_batch_norm_state(3)
+      >>> ours = lambda x, g, b: jaxbn.batch_norm(x, g, b, state, train=True)[0]
+      >>> naive = lambda x, g, b: reference.batch_norm_train(x, g, b)[0]
+      >>> testing.check_vjp(ours, naive, x, jnp.ones(3), jnp.zeros(3))  # raises if they differ
+    """
     axis = axis % x.ndim
     shape = _feature_shape(x.ndim, axis, x.shape[axis])
     stat_axes = tuple(a for a in range(x.ndim) if a != axis)
@@ -89,7 +109,16 @@ def batch_norm_train(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, axis: i
 
 def batch_norm_test(x: jax.Array, gamma: jax.Array, beta: jax.Array, mean: jax.Array,
                     var: jax.Array, *, axis: int = -1, eps: float = 1e-5) -> jax.Array:
-    """Test-mode batch norm with given (running) statistics of shape ``(D,)``."""
+    """Test-mode batch norm with given (running) statistics of shape ``(D,)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxbn import reference
+      >>> y = reference.batch_norm_test(jnp.array([[3.0]]), jnp.ones(1), jnp.zeros(1),
+      ...                               jnp.array([1.0]), jnp.array([4.0]), eps=0.0)
+      >>> y.tolist()  # (3 - 1) / sqrt(4)
+      [[1.0]]
+    """
     axis = axis % x.ndim
     shape = _feature_shape(x.ndim, axis, x.shape[axis])
     dtype = _float_dtype(x.dtype, gamma.dtype, mean.dtype)
@@ -101,7 +130,14 @@ def batch_norm_test(x: jax.Array, gamma: jax.Array, beta: jax.Array, mean: jax.A
 
 def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *,
                eps: float = 1e-5) -> jax.Array:
-    """Layer norm over the trailing ``gamma.ndim`` axes; ``gamma``/``beta`` have their shape."""
+    """Layer norm over the trailing ``gamma.ndim`` axes; ``gamma``/``beta`` have their shape.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxbn import reference
+      >>> reference.layer_norm(jnp.array([[1.0, 3.0]]), jnp.ones(2), jnp.zeros(2), eps=0.0).tolist()
+      [[-1.0, 1.0]]
+    """
     stat_axes = tuple(range(x.ndim - gamma.ndim, x.ndim))
     return normalize(x, gamma, beta, stat_axes, eps)[0]
 
@@ -109,7 +145,15 @@ def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *,
 def group_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, groups: int,
                eps: float = 1e-5, layout: str = "NCHW") -> jax.Array:
     """Group norm of channels-first (``N, C, ...``) or channels-last (``N, ..., C``) data with
-    per-channel ``gamma``/``beta`` of shape ``(C,)``: a loop over the groups, no reshape trick."""
+    per-channel ``gamma``/``beta`` of shape ``(C,)``: a loop over the groups, no reshape trick.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxbn import reference
+      >>> x = jnp.array([[[1.0], [3.0], [10.0], [30.0]]])  # (N, C, W): groups {0, 1} and {2, 3}
+      >>> reference.group_norm(x, jnp.ones(4), jnp.zeros(4), groups=2, eps=0.0).ravel().tolist()
+      [-1.0, 1.0, -1.0, 1.0]
+    """
     channel_axis = 1 if layout.startswith("NC") else x.ndim - 1
     channels = x.shape[channel_axis]
     size = channels // groups
@@ -117,16 +161,24 @@ def group_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, groups: int,
     gamma, beta = gamma.reshape(param_shape), beta.reshape(param_shape)
     pieces = []
     for g in range(groups):
-        index = [slice(None)] * x.ndim
-        index[channel_axis] = slice(g * size, (g + 1) * size)
-        index = tuple(index)
+        index = tuple(slice(g * size, (g + 1) * size) if a == channel_axis else slice(None)
+                      for a in range(x.ndim))
         stat_axes = tuple(range(1, x.ndim))
         pieces.append(normalize(x[index], gamma[index], beta[index], stat_axes, eps)[0])
     return jnp.concatenate(pieces, axis=channel_axis)
 
 
 def dropout(key: jax.Array, x: jax.Array, *, rate: float) -> jax.Array:
-    """Inverted dropout as ``bernoulli`` + ``where``: drop with probability ``rate``."""
+    """Inverted dropout as ``bernoulli`` + ``where``: drop with probability ``rate``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxbn
+      >>> from jaxbn import reference
+      >>> key, x = jax.random.key(0), jnp.ones((4, 5))
+      >>> bool(jnp.all(reference.dropout(key, x, rate=0.5) == jaxbn.dropout(key, x, rate=0.5,
+      ...                                                                 train=True)))
+      True
+    """
     if rate == 1.0:
         return jnp.zeros_like(x)
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)

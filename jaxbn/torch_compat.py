@@ -42,19 +42,33 @@ def _momentum(name: str, value: Any) -> float | None:
 
 def momentum_from_torch(torch_momentum: float | None) -> float | None:
     """PyTorch's ``momentum`` (weight of the new batch, default 0.1) as jaxbn's (weight of the
-    old value): ``1 - m``; ``None`` (cumulative average) stays ``None``."""
+    old value): ``1 - m``; ``None`` (cumulative average) stays ``None``.
+
+    Example:
+      >>> from jaxbn import torch_compat
+      >>> torch_compat.momentum_from_torch(0.1), torch_compat.momentum_from_torch(None)
+      (0.9, None)
+    """
     return _momentum("torch_momentum", torch_momentum)
 
 
 def momentum_to_torch(momentum: float | None) -> float | None:
-    """jaxbn's ``momentum`` as PyTorch's: ``1 - m``; ``None`` stays ``None``."""
+    """jaxbn's ``momentum`` as PyTorch's: ``1 - m``; ``None`` stays ``None``.
+
+    Example:
+      >>> from jaxbn import torch_compat
+      >>> round(torch_compat.momentum_to_torch(0.99), 10)
+      0.01
+    """
     return _momentum("momentum", momentum)
 
 
 def _array(value: Any) -> np.ndarray:
+    """A copy of ``value`` that shares no memory with it (a tensor's ``.numpy()`` and
+    ``jnp.asarray`` of a numpy array can both alias the source's buffer)."""
     if hasattr(value, "detach"):  # a torch tensor, without importing torch
         value = value.detach().cpu().numpy()
-    return np.asarray(value)
+    return np.array(value, copy=True)
 
 
 def from_state_dict(state_dict: dict, prefix: str = "") -> tuple[Any, Any, BatchNormState]:
@@ -63,6 +77,18 @@ def from_state_dict(state_dict: dict, prefix: str = "") -> tuple[Any, Any, Batch
     Keys (after ``prefix``, e.g. ``"bn1."``): ``weight``/``bias`` (absent for ``affine=False``:
     gamma/beta are then None), ``running_mean``, ``running_var``, ``num_batches_tracked``.
     The running variance keeps PyTorch's meaning (unbiased): use ``running_var="unbiased"``.
+    Every array is copied: later in-place updates of the source tensors (a train-mode forward,
+    ``weight.mul_(...)``) leave the returned state as it was converted.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn import torch_compat
+      >>> state_dict = {"bn1.weight": np.ones(3), "bn1.bias": np.zeros(3),  # or torch tensors
+      ...               "bn1.running_mean": np.zeros(3), "bn1.running_var": np.ones(3),
+      ...               "bn1.num_batches_tracked": np.array(5)}
+      >>> gamma, beta, state = torch_compat.from_state_dict(state_dict, prefix="bn1.")
+      >>> gamma.shape, int(state.count)
+      ((3,), 5)
     """
     def get(name, required=True):
         key = prefix + name
@@ -86,14 +112,26 @@ def from_state_dict(state_dict: dict, prefix: str = "") -> tuple[Any, Any, Batch
 
 def to_state_dict(gamma: Any, beta: Any, state: BatchNormState, prefix: str = "") -> dict:
     """A PyTorch batch norm ``state_dict`` of numpy arrays (load it with
-    ``module.load_state_dict({k: torch.from_numpy(v) for k, v in d.items()})``)."""
+    ``module.load_state_dict({k: torch.from_numpy(v) for k, v in d.items()})``).
+
+    The arrays are fresh, writable copies: changing them in place (or the tensors
+    ``torch.from_numpy`` makes of them) changes nothing on the jaxbn side.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxbn
+      >>> from jaxbn import torch_compat
+      >>> sd = torch_compat.to_state_dict(jnp.ones(3), jnp.zeros(3),
+      ...                                 jaxbn.init_batch_norm_state(3), prefix="bn1.")
+      >>> sorted(sd)
+      ['bn1.bias', 'bn1.num_batches_tracked', 'bn1.running_mean', 'bn1.running_var', 'bn1.weight']
+    """
     out = {}
     if gamma is not None:
-        out[prefix + "weight"] = np.asarray(gamma, np.float32)
+        out[prefix + "weight"] = np.array(gamma, np.float32, copy=True)
     if beta is not None:
-        out[prefix + "bias"] = np.asarray(beta, np.float32)
-    out[prefix + "running_mean"] = np.asarray(state.mean, np.float32)
-    out[prefix + "running_var"] = np.asarray(state.var, np.float32)
+        out[prefix + "bias"] = np.array(beta, np.float32, copy=True)
+    out[prefix + "running_mean"] = np.array(state.mean, np.float32, copy=True)
+    out[prefix + "running_var"] = np.array(state.var, np.float32, copy=True)
     count = 0 if state.count is None else int(state.count)
     out[prefix + "num_batches_tracked"] = np.asarray(count, np.int64)
     return out

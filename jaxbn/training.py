@@ -26,7 +26,8 @@ import os
 import sys
 import tempfile
 import zipfile
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,8 +65,8 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
       jit: return the step jitted (True) or plain, to compose with ``vmap``/``scan`` yourself.
     """
     if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(f"optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3));"
-                        f" got {type(optimizer).__name__}.")
+        raise TypeError(f"optimizer must be an optax.GradientTransformation (e.g. "
+                        f"optax.adam(1e-3)); got {type(optimizer).__name__}.")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be a function (scores, labels) -> loss; got {loss_fn!r}.")
     reg = _checks.check_real("reg", reg, low=0.0)

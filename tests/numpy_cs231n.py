@@ -84,7 +84,8 @@ def groupnorm_backward(dout, cache):
     g = (dout * gamma).reshape(n * groups, -1)
     xh = x_hat.reshape(n * groups, -1)
     m = g.shape[1]
-    dx = (m * g - g.sum(axis=1, keepdims=True) - xh * (g * xh).sum(axis=1, keepdims=True)) / (m * std)
+    dx = ((m * g - g.sum(axis=1, keepdims=True) - xh * (g * xh).sum(axis=1, keepdims=True))
+          / (m * std))
     return dx.reshape(dout.shape), dgamma, dbeta
 
 

@@ -17,11 +17,23 @@ def _run(code: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-def test_import_jaxbn_imports_no_framework():
-    done = _run("import sys, jaxbn, jaxbn.testing, jaxbn.cs231n\n"
-                "print(sorted(m for m in ('flax', 'equinox') if m in sys.modules))")
+def test_import_jaxbn_imports_no_framework_and_resolves_the_submodules_lazily():
+    done = _run("import sys, types, jaxbn\n"
+                "lazy = sorted(m for m in ('jaxbn.nets', 'jaxbn.training', 'jaxbn.cs231n') "
+                "if m in sys.modules)\n"
+                "names = ('torch_compat', 'nets', 'training', 'testing', 'cs231n', 'reference')\n"
+                "mods = [getattr(jaxbn, n) for n in names]\n"
+                "assert all(isinstance(m, types.ModuleType) for m in mods), mods\n"
+                "assert jaxbn.cs231n.layers.batchnorm_forward and jaxbn.nets.init_mlp\n"
+                "print(lazy, sorted(m for m in ('flax', 'equinox', 'torch') if m in sys.modules))\n"
+                "jaxbn.equinox.BatchNorm, jaxbn.flax.nnx.BatchNorm\n"
+                "print(sorted(m for m in ('flax', 'equinox') if m in sys.modules))\n"
+                "try:\n    jaxbn.tensorflow\nexcept AttributeError as e:\n    print(e)")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "[] []"  # nothing imported before it is used; no framework at all
+    assert lines[1] == "['equinox', 'flax']"  # the adapters, when asked for
+    assert lines[2] == "module 'jaxbn' has no attribute 'tensorflow'"
 
 
 @pytest.mark.parametrize("module, blocked, extra", [

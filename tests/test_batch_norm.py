@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.test_util import check_grads
 
 import jaxbn
-from jaxbn import reference
+from jaxbn import reference, testing
+
 from helpers import rand
-from jaxbn import testing
 
 RULES = ["alt", "graph"]
 
@@ -112,7 +109,8 @@ def test_hessian_matches_autodiff(backward):
     x = rand(0, (5, 3))
     gamma, beta = _params(3, jnp.float64)
     state = jaxbn.init_batch_norm_state(3, jnp.float64)
-    loss = lambda fn: (lambda x: jnp.sum(jnp.sin(fn(x, gamma, beta)) * jnp.arange(15.).reshape(5, 3)))
+    weights = jnp.arange(15.0).reshape(5, 3)
+    loss = lambda fn: (lambda x: jnp.sum(jnp.sin(fn(x, gamma, beta)) * weights))
     testing.check_vjp(jax.grad(loss(_bn_fn(state, backward, -1))), jax.grad(loss(_ref_fn(-1))),
                       x, rtol=1e-10)
 
@@ -214,7 +212,8 @@ def test_jit_vmap_and_second_order_agree(backward, dtype):
     def fn(x, gamma, beta, state):
         return jaxbn.batch_norm(x, gamma, beta, state, train=True, backward=backward)
 
-    state = jaxbn.BatchNormState(rand(1, (4,), dtype), jnp.ones(4, dtype) + rand(2, (4,), dtype) ** 2)
+    state = jaxbn.BatchNormState(rand(1, (4,), dtype),
+                                 jnp.ones(4, dtype) + rand(2, (4,), dtype) ** 2)
     testing.check_transforms(fn, x, gamma, beta, state, argnums=(0, 1, 2), reduction_size=9)
 
 
@@ -349,7 +348,8 @@ BAD = [
     ("state-not-a-state", dict(state=jnp.zeros(D)), {}, TypeError, "state"),
     ("axis-out-of-range", {}, dict(axis=2), ValueError, "axis"),
     ("x-rank-1", dict(x=np.ones(D, np.float32)), {}, ValueError, "x must have at least 2"),
-    ("x-int", dict(x=np.ones((3, D), np.int32)), {}, TypeError, "x must have a floating"),
+    ("x-bool", dict(x=np.ones((3, D), bool)), {}, TypeError,
+     "x must be a floating .* or integer array; got dtype bool"),
     ("one-value-per-feature", dict(x=np.ones((1, D), np.float32)), {}, ValueError,
      "at least 2 values"),
     ("backward-unknown", {}, dict(backward="fast"), ValueError, "backward must be one of"),
@@ -408,3 +408,27 @@ def test_init_state_rejects_bad_arguments():
     state = jaxbn.init_batch_norm_state(3)
     assert np.array_equal(state.mean, np.zeros(3)) and np.array_equal(state.var, np.ones(3))
     assert state.mean.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("x64", [True, False], ids=["x64", "x32"])
+def test_integer_inputs_promote_to_the_default_float(x64):
+    """Integer gamma/beta (the ConvolutionalNetworks notebook's) promote like integer x: to
+    float32, or float64 under x64."""
+    import contextlib
+
+    from helpers import x64_off
+
+    x = np.asarray(rand(0, (10, 2, 4, 4), scale=4.0, offset=10.0))
+    with contextlib.nullcontext() if x64 else x64_off():
+        state = jaxbn.init_batch_norm_state(2)
+        y, _ = jaxbn.spatial_batch_norm(x.astype(np.int64), np.asarray([3, 4]),
+                                        np.asarray([6, 7]), state, train=True)
+        expected = jnp.float64 if x64 else jnp.float32
+        assert y.dtype == expected
+        y = np.asarray(y, np.float64)
+        np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), [6, 7], atol=1e-4)
+        np.testing.assert_allclose(y.std(axis=(0, 2, 3)), [3, 4], rtol=1e-4)
+        y2, _ = jaxbn.batch_norm(x[:, 0, 0].astype(np.int32), np.asarray([2, 3, 4, 5]),
+                                 np.zeros(4, np.int32), jaxbn.init_batch_norm_state(4),
+                                 train=True)
+        assert y2.dtype == expected

@@ -8,14 +8,30 @@ import numpy as np
 import pytest
 
 import jaxbn
+from jaxbn.cs231n import (
+    FullyConnectedNet,
+    affine_backward,
+    affine_forward,
+    batchnorm_backward,
+    batchnorm_backward_alt,
+    batchnorm_forward,
+    dropout_backward,
+    dropout_forward,
+    eval_numerical_gradient,
+    eval_numerical_gradient_array,
+    layernorm_backward,
+    layernorm_forward,
+    rel_error,
+    relu_backward,
+    relu_forward,
+    softmax_loss,
+    spatial_batchnorm_backward,
+    spatial_batchnorm_forward,
+    spatial_groupnorm_backward,
+    spatial_groupnorm_forward,
+)
+
 import numpy_cs231n as ref
-from jaxbn.cs231n import (FullyConnectedNet, affine_backward, affine_forward, batchnorm_backward,
-                          batchnorm_backward_alt, batchnorm_forward, dropout_backward,
-                          dropout_forward, eval_numerical_gradient,
-                          eval_numerical_gradient_array, layernorm_backward, layernorm_forward,
-                          rel_error, relu_backward, relu_forward, softmax_loss,
-                          spatial_batchnorm_backward, spatial_batchnorm_forward,
-                          spatial_groupnorm_backward, spatial_groupnorm_forward)
 
 
 def _close(a, b, tol=1e-12):
@@ -65,11 +81,13 @@ def test_batchnorm_matches_numpy_train_then_test(rng):
     _close(ours["running_mean"], theirs["running_mean"])
     _close(ours["running_var"], theirs["running_var"])
     dout = rng.normal(size=(n, d))
-    for mine, expected in zip(batchnorm_backward(dout, cache), ref.batchnorm_backward(dout, cache_ref)):
+    expected_grads = ref.batchnorm_backward(dout, cache_ref)
+    for mine, expected in zip(batchnorm_backward(dout, cache), expected_grads):
         _close(mine, expected, 1e-11)
     ours["mode"] = theirs["mode"] = "test"
     x = rng.normal(size=(n, d))
-    _close(batchnorm_forward(x, gamma, beta, ours)[0], ref.batchnorm_forward(x, gamma, beta, theirs)[0])
+    _close(batchnorm_forward(x, gamma, beta, ours)[0],
+           ref.batchnorm_forward(x, gamma, beta, theirs)[0])
 
 
 def test_batchnorm_default_running_statistics_are_zeros(rng):
@@ -100,6 +118,7 @@ def test_backwards_are_the_core_rules_not_copies():
     """The cs231n backwards call the functions the custom_vjp registers."""
     import inspect
     import pathlib
+
     from jaxbn import _normalize
     from jaxbn.cs231n import layers
     assert '"graph"' in inspect.getsource(layers.batchnorm_backward)

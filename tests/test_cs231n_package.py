@@ -54,7 +54,8 @@ def test_sgd_momentum_matches_the_notebook_and_the_math():
     # The notebook's printed first and last entries: 0.1406 and 1.4096.
     assert abs(next_w[0, 0] - 0.1406) < 1e-12 and abs(next_w[-1, -1] - 1.4096) < 1e-12
     expected_w, expected_v = ref.momentum_step(w, dw, 1e-3, 0.9, v)
-    assert _rel_error(next_w, expected_w) < 1e-8 and _rel_error(config["velocity"], expected_v) < 1e-8
+    assert _rel_error(next_w, expected_w) < 1e-8
+    assert _rel_error(config["velocity"], expected_v) < 1e-8
 
 
 def test_rmsprop_and_adam_match_the_math_over_several_steps():
@@ -298,3 +299,42 @@ def test_grad_check_sparse_reports_small_errors_for_a_right_gradient_only(capsys
     assert max(right) < 1e-8 and min(wrong) > 0.1
     assert capsys.readouterr().out.count("relative error:") == 12
     np.testing.assert_array_equal(x, np.random.RandomState(0).randn(4, 5))  # x restored
+
+
+def test_integer_gamma_cell_of_the_convolutional_networks_notebook():
+    """``gamma, beta = np.asarray([3, 4, 5]), np.asarray([6, 7, 8])``: means (6, 7, 8), stds
+    (3, 4, 5), as the notebook prints them."""
+    from jaxbn.cs231n.layers import spatial_batchnorm_forward
+
+    np.random.seed(231)
+    x = 4 * np.random.randn(2, 3, 4, 5) + 10
+    out, _ = spatial_batchnorm_forward(x, np.asarray([3, 4, 5]), np.asarray([6, 7, 8]),
+                                       {"mode": "train"})
+    assert out.dtype == np.float64
+    np.testing.assert_allclose(out.mean(axis=(0, 2, 3)), [6, 7, 8], atol=1e-8)
+    np.testing.assert_allclose(out.std(axis=(0, 2, 3)), [3, 4, 5], rtol=1e-6)
+
+
+def test_fully_connected_net_takes_the_backward_rule(monkeypatch):
+    """``backward=`` reaches the batch norms inside ``loss``: the staged rule runs, and its
+    gradients are the closed-form rule's."""
+    from jaxbn import _normalize
+    from jaxbn.cs231n.classifiers.fc_net import FullyConnectedNet
+
+    calls = []
+    graph_rule = _normalize.graph_rule
+    monkeypatch.setattr(_normalize, "graph_rule",
+                        lambda *a: calls.append(1) or graph_rule(*a))
+    grads = {}
+    for backward in ("alt", "graph"):
+        np.random.seed(0)
+        model = FullyConnectedNet([7, 6], input_dim=5, num_classes=3, normalization="batchnorm",
+                                  dtype=np.float64, backward=backward)
+        x, y = np.random.randn(9, 5), np.array([0, 1, 2] * 3)
+        grads[backward] = model.loss(x, y)[1]
+    assert len(calls) == 2  # traced once per batch norm layer, for "graph" only
+    for name in grads["alt"]:
+        np.testing.assert_allclose(grads["graph"][name], grads["alt"][name], rtol=1e-9,
+                                   atol=1e-12)
+    with pytest.raises(ValueError, match="backward must be one of"):
+        FullyConnectedNet([4], input_dim=5, backward="numpy")

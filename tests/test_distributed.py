@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import jaxbn
-from jaxbn import reference
+from jaxbn import reference, testing
+
 from helpers import rand
-from jaxbn import testing
 
 
 def test_eight_device_shard_map_matches_one_device():

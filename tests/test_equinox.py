@@ -109,9 +109,17 @@ def test_layer_norm_group_norm_and_dropout_match_equinox():
 def test_bad_options_name_the_fix():
     with pytest.raises(ValueError, match="mode='batch'"):
         jeqx.BatchNorm(4, "batch", mode="ema")
+    ours, state = eqx.nn.make_with_state(jeqx.BatchNorm)(4, "batch")
     with pytest.raises(ValueError, match="axis_name 'batch' is not bound"):
-        ours, state = eqx.nn.make_with_state(jeqx.BatchNorm)(4, "batch")
         ours(jnp.ones((4,)), state)
+    # A whole batch without jax.vmap: the unbound axis name is said first, as Equinox says it
+    # (a NameError, as JAX raises), never a complaint about a gamma the user did not pass.
+    with pytest.raises(NameError, match="axis_name 'batch' is not bound.*jax.vmap"):
+        ours(jnp.ones((32, 4)), state)
+    with pytest.raises(ValueError, match=r"takes one example of shape \(4, \.\.\.\); got x of "
+                                         r"shape \(32, 4\).*jax\.vmap"):
+        jax.vmap(ours, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(
+            jnp.ones((3, 32, 4)), state)
     with pytest.raises(ValueError, match="x.shape == shape"):
         jeqx.LayerNorm(4)(jnp.ones((2, 4)))
     with pytest.raises(RuntimeError, match="requires a key"):

@@ -48,7 +48,8 @@ def test_cifar10_loader_round_trip_with_cs231n_preprocessing(tmp_path):
     _write_cifar(root)
     splits = data.load_cifar10(root, num_training=50, num_validation=10, num_test=8)
     (xt, yt), (xv, yv), (xs, ys) = splits["train"], splits["val"], splits["test"]
-    assert xt.shape == (50, 3, 32, 32) and xv.shape == (10, 3, 32, 32) and xs.shape == (8, 3, 32, 32)
+    assert xt.shape == (50, 3, 32, 32) and xv.shape == (10, 3, 32, 32)
+    assert xs.shape == (8, 3, 32, 32) and yv.shape == (10,) and ys.shape == (8,)
     assert xt.dtype == np.float32 and yt.dtype == np.int32
     with open(os.path.join(root, "data_batch_1"), "rb") as f:
         first = pickle.load(f)

@@ -47,7 +47,7 @@ def test_batch_norm_matches_flax_over_steps_train_and_eval(shape, axis):
         _random_params(layer, 3)
     for step in range(3):
         x = rand(step, shape, F32, 2.0, 5.0)
-        testing.check_vjp(*[_functional(l)[0] for l in (ours, flax_bn)], _functional(ours)[1], x,
+        testing.check_vjp(*[_functional(layer)[0] for layer in (ours, flax_bn)], _functional(ours)[1], x,
                           key=jax.random.key(step), rtol=2e-4, atol=2e-5)
         np.testing.assert_allclose(ours(x), flax_bn(x), rtol=1e-5, atol=1e-5)  # updates stats
         for stat in ("mean", "var"):
@@ -58,7 +58,7 @@ def test_batch_norm_matches_flax_over_steps_train_and_eval(shape, axis):
     assert ours.use_running_average is True
     x = rand(9, shape, F32, 2.0, 5.0)
     np.testing.assert_allclose(ours(x), flax_bn(x), rtol=1e-5, atol=1e-5)
-    testing.check_vjp(*[_functional(l)[0] for l in (ours, flax_bn)], _functional(ours)[1], x,
+    testing.check_vjp(*[_functional(layer)[0] for layer in (ours, flax_bn)], _functional(ours)[1], x,
                       rtol=1e-5, atol=1e-6)
 
 
@@ -122,7 +122,7 @@ def test_layer_norm_matches_flax(kwargs, shape):
     for layer in (flax_ln, ours):
         _random_params(layer, 5)
     x = rand(4, shape, F32, 2.0, 3.0)
-    testing.check_vjp(*[_functional(l)[0] for l in (ours, flax_ln)], _functional(ours)[1], x,
+    testing.check_vjp(*[_functional(layer)[0] for layer in (ours, flax_ln)], _functional(ours)[1], x,
                       rtol=1e-4, atol=1e-5)
 
 
@@ -132,7 +132,7 @@ def test_group_norm_matches_flax(shape):
     for layer in (flax_gn, ours):
         _random_params(layer, 7)
     x = rand(6, shape, F32, 2.0, 3.0)
-    testing.check_vjp(*[_functional(l)[0] for l in (ours, flax_gn)], _functional(ours)[1], x,
+    testing.check_vjp(*[_functional(layer)[0] for layer in (ours, flax_gn)], _functional(ours)[1], x,
                       rtol=1e-4, atol=1e-5)
 
 
@@ -220,7 +220,8 @@ def _train(layers, steps=20):
 
     xs = rand(1, (steps, 16, 8, 8, 3), F32, 1.0, 0.5)
     # Labels the net can learn: which of the first two channels is brighter, and where.
-    ys = 2 * (xs[..., 0].mean((2, 3)) > xs[..., 1].mean((2, 3))) + (xs[:, :, :4, :, 2].mean((2, 3)) > 0.5)
+    ys = (2 * (xs[..., 0].mean((2, 3)) > xs[..., 1].mean((2, 3)))
+          + (xs[:, :, :4, :, 2].mean((2, 3)) > 0.5))
     losses = [float(step(model, optimizer, x, y)) for x, y in zip(xs, ys)]
     model.eval()
     return np.array(losses), model(xs[0])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,3 +106,25 @@ def test_legitimate_momenta_do_not_warn():
         warnings.simplefilter("error")
         for momentum in (0.0, 0.1, 0.5, 0.9, 0.99, 1.0):
             jaxbn.batch_norm(X, G, B, STATE, train=True, momentum=momentum)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_parameter_errors_point_the_right_way(jit):
+    x = np.ones((8, 16, 4, 4), np.float32)
+    state = jaxbn.init_batch_norm_state(16)
+    ones = jnp.ones(16)
+
+    def spatial(x):  # cs231n's group-norm notebook passes gamma as (1, C, 1, 1)
+        return jaxbn.spatial_batch_norm(x, ones.reshape(1, 16, 1, 1), ones, state, train=True)[0]
+
+    def flat(x):  # images given to batch_norm: the feature axis is the last one by default
+        return jaxbn.batch_norm(x, ones, ones, state, train=True)[0]
+
+    wrap = jax.jit if jit else (lambda f: f)
+    with pytest.raises(ValueError, match=r"\(16,\).*got shape \(1, 16, 1, 1\)\. It holds the "
+                                         r"right number of values: pass gamma\.reshape\(-1\)") as e:
+        wrap(spatial)(x)
+    assert "NHWC" not in str(e.value)
+    with pytest.raises(ValueError, match=r"gamma must have shape \(4,\).*pass axis=1.*"
+                                         r"jaxbn\.spatial_batch_norm"):
+        wrap(flat)(x)

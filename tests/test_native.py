@@ -224,3 +224,33 @@ def test_an_extension_xla_refuses_falls_back_with_the_reason(monkeypatch):
     with pytest.warns(RuntimeWarning, match="XLA refused"):
         jaxpr = str(jax.make_jaxpr(_bn(-1))(x, gamma, beta))
     assert "jaxbn_batch_norm" not in jaxpr
+
+
+def test_layer_and_group_norm_never_reach_the_batch_norm_kernel():
+    """A layer norm of one feature is shaped like a batch norm of 4 rows: the seam's kind, not
+    the shapes, decides (this call once crashed in the kernel's reshape)."""
+    x = jnp.arange(4.0, dtype=jnp.float32).reshape(4, 1)
+    y = jaxbn.layer_norm(x, jnp.ones(1), jnp.full(1, 2.0))
+    np.testing.assert_array_equal(y, np.full((4, 1), 2.0, np.float32))
+    assert "jaxbn_batch_norm" not in str(jax.make_jaxpr(
+        lambda x: jaxbn.layer_norm(x, jnp.ones(1), jnp.zeros(1)))(x))
+    images = rand(0, (2, 4, 3, 3), jnp.float32)
+    for groups in (1, 4):  # layer norm over (C, H, W) and instance norm
+        assert "jaxbn_batch_norm" not in str(jax.make_jaxpr(
+            lambda x: jaxbn.group_norm(x, jnp.ones(4), jnp.zeros(4), groups=groups))(images))
+
+
+@pytest.mark.parametrize("forward_native", [True, False])
+def test_the_backward_runs_where_the_forward_decided(forward_native):
+    """The native decision is made once per call: switching JAXBN_NATIVE between the forward
+    and the backward changes nothing about the backward."""
+    x, gamma, beta = _inputs((32, 4), -1, jnp.float32)
+    f = lambda x, g, b: _bn(-1)(x, g, b)[0]
+    os.environ[_native.ENV] = "1" if forward_native else "0"
+    try:
+        _, pullback = jax.vjp(f, x, gamma, beta)
+        os.environ[_native.ENV] = "0" if forward_native else "1"
+        backward_jaxpr = str(jax.make_jaxpr(pullback)(x))
+    finally:
+        del os.environ[_native.ENV]
+    assert ("jaxbn_batch_norm_backward" in backward_jaxpr) == forward_native

@@ -11,9 +11,9 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxbn
-from jaxbn import nets
+from jaxbn import nets, testing
+
 from helpers import rand
-from jaxbn import testing
 
 
 @pytest.mark.parametrize("normalization", [None, "batchnorm", "layernorm"])
@@ -126,3 +126,29 @@ def test_apply_is_pure_and_changes_nothing_it_is_given():
     assert jax.tree.all(jax.tree.map(np.array_equal, before, (params, state)))
     assert len(new.batch_norm) == 2 and not np.allclose(new.batch_norm[0].mean, 0)
     assert dataclasses.replace(state, batch_norm=new.batch_norm) == new
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["mlp", "conv"])
+def test_backward_reaches_every_normalization_of_a_net(conv):
+    """``backward=`` is a static field of the state: with "autodiff" forward-mode jax.jvp runs
+    through the whole net (the hand-written rules are reverse-mode only, and say so)."""
+    key = jax.random.key(0)
+    for normalization in ("batchnorm", "layernorm"):
+        if conv:
+            make = lambda b: nets.init_conv_net(key, (1, 4, 4), (2,), (5,), 3,
+                                                normalization=normalization, backward=b)
+            x, apply = rand(1, (6, 1, 4, 4), jnp.float32), nets.apply_conv_net
+        else:
+            make = lambda b: nets.init_mlp(key, 4, [5, 5], 3, normalization=normalization,
+                                           backward=b)
+            x, apply = rand(1, (6, 4), jnp.float32), nets.apply_mlp
+        params, state = make("autodiff")
+        assert state.backward == "autodiff"
+        f = lambda x: apply(params, state, x, train=True)[0]
+        _, tangent = jax.jvp(f, (x,), (jnp.ones_like(x),))
+        assert bool(jnp.all(jnp.isfinite(tangent))) and float(jnp.max(jnp.abs(tangent))) > 0
+        params, state = make("alt")
+        with pytest.raises(TypeError, match="backward='autodiff'"):
+            jax.jvp(lambda x: apply(params, state, x, train=True)[0], (x,), (jnp.ones_like(x),))
+    with pytest.raises(ValueError, match="backward must be one of"):
+        nets.init_mlp(key, 4, [5], 3, backward="numpy")

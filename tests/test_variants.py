@@ -13,6 +13,7 @@ import pytest
 
 import jaxbn
 from jaxbn import nets, reference, testing, torch_compat
+
 from helpers import rand
 
 D = 4
@@ -89,7 +90,10 @@ def test_state_dict_round_trip_and_tensor_like_values():
           "bn.running_mean": Tensor([0.1, 0.2]), "bn.running_var": Tensor([1.5, 2.5]),
           "bn.num_batches_tracked": Tensor(7)}
     gamma, beta, state = torch_compat.from_state_dict(sd, prefix="bn.")
-    np.testing.assert_allclose(gamma, [1.0, 2.0]) and np.testing.assert_allclose(state.var, [1.5, 2.5])
+    np.testing.assert_allclose(gamma, [1.0, 2.0])
+    np.testing.assert_allclose(beta, [0.5, -0.5])
+    np.testing.assert_allclose(state.mean, [0.1, 0.2])
+    np.testing.assert_allclose(state.var, [1.5, 2.5])
     assert int(state.count) == 7
     back = torch_compat.to_state_dict(gamma, beta, state, prefix="bn.")
     for k, v in sd.items():
@@ -99,6 +103,50 @@ def test_state_dict_round_trip_and_tensor_like_values():
     assert no_affine[0] is None and no_affine[1] is None
     with pytest.raises(KeyError, match="running_mean"):
         torch_compat.from_state_dict({"weight": np.ones(2)})
+
+
+def test_state_dict_conversion_shares_no_memory_either_way():
+    """A converted state must not change when the source changes in place afterwards (a torch
+    train-mode forward updates running_mean in place; ``weight.mul_`` scales gamma)."""
+    sd = {"weight": np.array([1.0, 2.0], np.float32), "bias": np.array([0.5, -0.5], np.float32),
+          "running_mean": np.zeros(2, np.float32), "running_var": np.ones(2, np.float32)}
+    gamma, beta, state = torch_compat.from_state_dict(sd)
+    for v in sd.values():
+        v *= 3.0
+        v += 0.3
+    np.testing.assert_array_equal(gamma, [1.0, 2.0])
+    np.testing.assert_array_equal(beta, [0.5, -0.5])
+    np.testing.assert_array_equal(state.mean, [0.0, 0.0])
+    np.testing.assert_array_equal(state.var, [1.0, 1.0])
+    back = torch_compat.to_state_dict(gamma, beta, state)
+    for v in back.values():
+        assert v.flags.writeable
+        v += 1  # the arrays (and tensors torch.from_numpy makes of them) are the caller's
+    np.testing.assert_array_equal(gamma, [1.0, 2.0])
+    np.testing.assert_array_equal(state.var, [1.0, 1.0])
+
+
+def test_state_dict_of_real_tensors_is_immune_to_later_in_place_updates():
+    if os.environ.get("JAXBN_REQUIRE_TORCH"):  # CI's second job installs torch==2.13.0
+        import torch
+    else:
+        torch = pytest.importorskip("torch")
+    bn = torch.nn.BatchNorm2d(3)
+    gamma, beta, state = torch_compat.from_state_dict(bn.state_dict())
+    bn.train()
+    bn(torch.randn(4, 3, 5, 5) + 3.0)  # updates running_mean / running_var in place
+    with torch.no_grad():
+        bn.weight.mul_(3.0)
+    np.testing.assert_array_equal(state.mean, np.zeros(3))
+    np.testing.assert_array_equal(state.var, np.ones(3))
+    np.testing.assert_array_equal(gamma, np.ones(3))
+    assert int(state.count) == 0
+    module = torch.nn.BatchNorm2d(3)
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in
+                            torch_compat.to_state_dict(gamma, beta, state).items()})
+    module.train()
+    module(torch.randn(4, 3, 5, 5) + 3.0)
+    np.testing.assert_array_equal(state.mean, np.zeros(3))
 
 
 def test_momentum_conversion_and_its_hint():
@@ -124,9 +172,13 @@ def test_no_affine_part(missing):
     np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
     args = [a for a in (g, b) if a is not None]
     fn = lambda x, *p: jaxbn.batch_norm(x, *_fill(missing, p), state, train=True)[0]
-    grads = jax.grad(lambda x, *p: jnp.sum(fn(x, *p) * x), argnums=tuple(range(1 + len(args))))(
-        x, *args)
-    assert len(grads) == 1 + len(args)  # no gradient for what is not there
+
+    def ref(x, *p):  # the missing parameter is the constant 1 (scale) or 0 (shift)
+        gamma_, beta_ = _fill(missing, p)
+        return reference.batch_norm_train(x, jnp.ones(D) if gamma_ is None else gamma_,
+                                          jnp.zeros(D) if beta_ is None else beta_)[0]
+
+    testing.check_vjp(fn, ref, x, *args)  # the VJPs of x and of the parameters that are there
 
 
 def _fill(missing, present):

@@ -56,15 +56,19 @@ keep probability in either setting, and ``FullyConnectedNet.dropout_param["p"]``
 the setting's meaning, as that era's notebook reads it.
 """
 
-from jaxbn.cs231n import optim
+from jaxbn.cs231n import optim as optim
 from jaxbn.cs231n._dropout_p import dropout_p, set_dropout_p
 from jaxbn.cs231n.classifiers.fc_net import FullyConnectedNet
-from jaxbn.cs231n.gradient_check import (eval_numerical_gradient, eval_numerical_gradient_array,
-                                         grad_check_sparse, rel_error)
+from jaxbn.cs231n.gradient_check import (
+    eval_numerical_gradient,
+    eval_numerical_gradient_array,
+    grad_check_sparse,
+    rel_error,
+)
 from jaxbn.cs231n.layer_utils import *  # noqa: F401,F403
+from jaxbn.cs231n.layer_utils import __all__ as _utils_all
 from jaxbn.cs231n.layers import *  # noqa: F401,F403
 from jaxbn.cs231n.layers import __all__ as _layers_all
-from jaxbn.cs231n.layer_utils import __all__ as _utils_all
 from jaxbn.cs231n.optim import adam, rmsprop, sgd, sgd_momentum
 from jaxbn.cs231n.solver import Solver
 

@@ -3,9 +3,16 @@
 
 from __future__ import annotations
 
-from jaxbn.cs231n.layers import (affine_backward, affine_forward, batchnorm_backward_alt,
-                                 batchnorm_forward, layernorm_backward, layernorm_forward,
-                                 relu_backward, relu_forward)
+from jaxbn.cs231n.layers import (
+    affine_backward,
+    affine_forward,
+    batchnorm_backward_alt,
+    batchnorm_forward,
+    layernorm_backward,
+    layernorm_forward,
+    relu_backward,
+    relu_forward,
+)
 
 __all__ = ["affine_relu_forward", "affine_relu_backward", "affine_bn_relu_forward",
            "affine_bn_relu_backward", "affine_ln_relu_forward", "affine_ln_relu_backward"]

@@ -3,7 +3,7 @@
 The functions keep the assignment's signatures and semantics (``bn_param`` dicts updated in place,
 ``(out, cache)`` forwards, ``(dx, dgamma, dbeta)`` backwards). Inputs may be numpy or JAX arrays;
 outputs are numpy arrays. The two batch norm backwards are the very rules jaxbn's ``custom_vjp``
-registers (:func:`jaxbn._normalize.graph_rule` and :func:`~jaxbn._normalize.alt_rule`), jitted,
+registers (:func:`jaxbn._rules.graph_rule` and :func:`~jaxbn._rules.alt_rule`), jitted,
 applied to the residuals its forward saves; the other backwards are ``jax.vjp`` of the core layers.
 
 ``dropout_forward``'s ``p`` is the probability of *dropping* a unit (the 2016-17 assignment); the
@@ -24,7 +24,8 @@ from jaxbn import _batch_norm, _checks, _layer_norm, _losses
 from jaxbn._batch_norm import BatchNormState
 from jaxbn._dropout import dropout
 from jaxbn._layout import layout
-from jaxbn._normalize import Config, Residuals, _normalize_core_fwd, alt_rule, graph_rule
+from jaxbn._normalize import _normalize_core_fwd
+from jaxbn._rules import Config, Residuals, alt_rule, graph_rule
 from jaxbn.cs231n._dropout_p import drop_rate
 
 __all__ = [
@@ -42,7 +43,7 @@ _FLOAT64_WARNED = False
 def _jnp(a: Any) -> jax.Array:
     """``jnp.asarray``, warning once when float64 data meets JAX with float64 off."""
     global _FLOAT64_WARNED
-    if (not _FLOAT64_WARNED and not jax.config.jax_enable_x64
+    if (not _FLOAT64_WARNED and not jax.config.read("jax_enable_x64")
             and getattr(a, "dtype", None) == np.float64):
         _FLOAT64_WARNED = True
         warnings.warn(

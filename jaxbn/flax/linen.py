@@ -1,4 +1,5 @@
-"""``flax.linen`` layers computed by jaxbn: ``BatchNorm``, ``LayerNorm``, ``GroupNorm``, ``Dropout``.
+"""``flax.linen`` layers computed by jaxbn: ``BatchNorm``, ``LayerNorm``, ``GroupNorm``,
+``Dropout``.
 
 Each is a subclass of the ``flax.linen`` layer of the same name, with the same fields and defaults
 (``use_running_average``, ``axis``, ``momentum=0.99``, ``epsilon``, ``axis_name``, ...), the same
@@ -12,14 +13,17 @@ float32) are those listed in :mod:`jaxbn.flax.nnx`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 
 from jaxbn import _adapter
 from jaxbn._dropout import dropout
 
-nn = _adapter.require("flax.linen", "flax")
+if TYPE_CHECKING:
+    from flax import linen as nn
+else:  # an ImportError that names the extra to install
+    nn = _adapter.require("flax.linen", "flax")
 
 __all__ = ["BatchNorm", "Dropout", "GroupNorm", "LayerNorm"]
 

@@ -20,14 +20,17 @@ Differences from Flax, on purpose:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 
 from jaxbn import _adapter
 from jaxbn._dropout import dropout
 
-nnx = _adapter.require("flax.nnx", "flax")
+if TYPE_CHECKING:
+    from flax import nnx
+else:  # an ImportError that names the extra to install
+    nnx = _adapter.require("flax.nnx", "flax")
 from flax.nnx.nn import dtypes as _dtypes  # noqa: E402  (after the import check)
 
 __all__ = ["BatchNorm", "Dropout", "GroupNorm", "LayerNorm"]

@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxbn import _checks, _losses, nets
 from jaxbn._batch_norm import BatchNormState
+from jaxbn._normalize import BACKWARDS
 from jaxbn.cs231n import _dropout_p
 from jaxbn.cs231n.layers import _dropout_key, _jnp, _np
 
@@ -96,6 +97,8 @@ class FullyConnectedNet:
       use_batchnorm: the 2016-17 spelling of ``normalization="batchnorm"``.
       normalization: None, ``"batchnorm"`` or ``"layernorm"`` (2018+).
       dropout_keep_ratio: probability of *keeping* a unit (2021+); 1 for no dropout.
+      backward: jaxbn's option, the normalizations' backward rule in ``loss``: ``"alt"``
+        (default, the closed-form derivation), ``"graph"`` (the staged one) or ``"autodiff"``.
 
     ``dropout_param["p"]`` holds the drop probability, or the keep probability after
     ``set_dropout_p("keep")``, as each era's notebook reads it.
@@ -103,9 +106,11 @@ class FullyConnectedNet:
 
     def __init__(self, hidden_dims, input_dim=3 * 32 * 32, num_classes=10, dropout=None,
                  use_batchnorm=False, normalization=None, reg=0.0, weight_scale=1e-2,
-                 dtype=np.float32, seed=None, dropout_keep_ratio=None):
+                 dtype=np.float32, seed=None, dropout_keep_ratio=None, *, backward="alt"):
         self._p_means = _dropout_p.dropout_p()  # how dropout_param["p"] reads, fixed here
         rate = _drop_rate(dropout, dropout_keep_ratio, self._p_means)
+        _checks.check_choice("backward", backward, BACKWARDS)
+        self.backward = backward
         self.normalization = _normalization(use_batchnorm, normalization)
         self.use_batchnorm = self.normalization == "batchnorm"
         self.use_dropout = rate > 0
@@ -133,7 +138,7 @@ class FullyConnectedNet:
 
     def _net_state(self) -> nets.NetState:
         stat_dtype = _checks.stat_dtype(self.dtype)
-        bn_states = ()
+        bn_states: tuple[BatchNormState, ...] = ()
         if self.use_batchnorm:
             zeros = lambda i: np.zeros(self.params[f"b{i}"].shape)
             bn_states = tuple(BatchNormState(
@@ -144,7 +149,8 @@ class FullyConnectedNet:
         rate = (_dropout_p.drop_rate(float(self.dropout_param["p"]), self._p_means)
                 if self.use_dropout else 0.0)
         return nets.NetState(bn_states, self.normalization, rate,
-                             float(first.get("momentum", 0.9)), float(first.get("eps", 1e-5)))
+                             float(first.get("momentum", 0.9)), float(first.get("eps", 1e-5)),
+                             backward=self.backward)
 
     def loss(self, X, y=None):
         """Scores ``(N, C)`` for ``y=None`` (test mode); else ``(loss, grads)`` (train mode)."""
