@@ -126,10 +126,11 @@ def running_stats_note(first_val_acc, *, steps: int, momentum: float, who: str =
     if np.min(first) >= (CHANCE + 1) / 2:
         return None
     left = momentum ** steps
-    where = ("below chance" if np.mean(first) < CHANCE else
-             "near chance" if np.mean(first) < 2 * CHANCE else "far below its later accuracy")
-    return (f"{who}'s validation accuracy after the first epoch is {spread(first)}, {where} "
-            f"({CHANCE:.2f}). Accuracy is measured in test mode, which normalizes with the running "
+    where = (f"below chance ({CHANCE:.2f})" if np.mean(first) < CHANCE else
+             f"near chance ({CHANCE:.2f})" if np.mean(first) < 2 * CHANCE else
+             "far below its later accuracy")
+    return (f"{who}'s validation accuracy after the first epoch is {spread(first)}, {where}. "
+            f"Accuracy is measured in test mode, which normalizes with the running "
             f"statistics; after one epoch of {steps} steps at momentum {momentum} they still hold "
             f"momentum^steps = {momentum}^{steps} = {left:.0%} of their initial values (mean 0, "
             f"variance 1), and the rest is an average of batch statistics taken while the weights "
@@ -295,7 +296,7 @@ def summarize_batch_size(res: dict) -> Summary:
              f"{spread(none)}."]
     note = _bn_note(res, runs[f"batchnorm/{large}"], large)
     if note:
-        notes.append(f"At batch {large}: " + note)
+        notes.append(f"At batch {large}, b" + note[1:])
     return _run_rows(runs, res["config"]["epochs"]), found, notes
 
 
