@@ -127,8 +127,8 @@ def _dropout(key, x, *, rate, train, broadcast_dims, draw: str) -> jax.Array:
     if not traced and rate == 1.0:
         return jnp.zeros_like(x)
     mask_shape = tuple(1 if a in dims else n for a, n in enumerate(x.shape))
-    draw, threshold, scale = _plan_draw(rate, _checks.stat_dtype(x.dtype), draw)
-    return _dropout_core(key, x, threshold, scale, mask_shape, draw)
+    plan, threshold, scale = _plan_draw(rate, _checks.stat_dtype(x.dtype), draw)
+    return _dropout_core(key, x, threshold, scale, mask_shape, plan)
 
 
 def bernoulli_dropout(key: jax.Array, x: jax.Array, *, rate: float | jax.Array,
