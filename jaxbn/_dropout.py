@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,15 +53,27 @@ def dropout(key: jax.Array | None, x: jax.Array, *, rate: float | jax.Array, tra
 
     .. math::
 
-        y = x \cdot \frac{m}{1 - \text{rate}}, \qquad m \sim \text{Bernoulli}(1 - \text{rate})
+        y = x \cdot \frac{m}{q}, \qquad m \sim \text{Bernoulli}(q), \qquad
+        q = \frac{\operatorname{round}((1 - \text{rate})\, 2^b)}{2^b}
 
     ``rate`` is the *drop* probability (not the keep rate; as Flax, PyTorch and the 2016-17
-    cs231n assignment). The scaling keeps ``E[y] = x``, so test mode is the identity.
+    cs231n assignment). The scaling by the realized keep probability ``q`` keeps ``E[y] = x``
+    exactly, so test mode is the identity.
 
-    The backward is ``dy * m / (1 - rate)``. Its ``custom_vjp`` keeps the mask bit-packed, 1 bit
-    per element, between forward and backward. Regenerating the mask from the key instead would
-    keep no residual at all, but was measured slower (random bits cost more than streaming 1/32 of
-    x's bytes): ``python -m experiments.benchmark`` times both.
+    Random bits are what dropout costs, so each element compares ``b`` random bits (not 32)
+    against the threshold ``round((1 - rate) 2^b)``: ``b = 8`` when ``rate`` is a multiple of
+    1/256 (0.5, 0.25, 0.125, ...: then ``q = 1 - rate`` exactly), else ``b = 16``, which realizes
+    the rate to within 2^-17 (7.6e-6; rate 0.1 drops with probability 0.1000061). A traced rate
+    takes 16 bits. Element ``(..., j)`` reads bits ``[b (j mod 32/b), b (j mod 32/b) + b)`` of
+    word ``(..., j // (32/b))`` of ``jax.random.bits(key, shape[:-1] + (ceil(n / (32/b)),))``,
+    so the mask depends only on the key and each element's position, never on how the array is
+    sharded (JAX's threefry is partitionable), and one random word serves 4 (or 2) elements.
+    The same key gives the same mask; it is not the mask of ``jax.random.bernoulli`` (the Flax
+    and Equinox adapters draw theirs with :func:`bernoulli_dropout`, as their frameworks do).
+
+    The backward is ``dy * m / q``. Its ``custom_vjp`` keeps no residual the size of ``x``: it
+    draws the mask again from the key (cheaper than storing and reloading it, measured by
+    ``python -m experiments.benchmark``).
 
     Shapes: ``x`` any shape; the mask has ``x``'s shape with size 1 along ``broadcast_dims``.
 
@@ -92,6 +104,11 @@ def dropout(key: jax.Array | None, x: jax.Array, *, rate: float | jax.Array, tra
       >>> bool(jnp.all(jaxbn.dropout(None, x, rate=0.5, train=False) == x))  # test mode
       True
     """
+    return _dropout(key, x, rate=rate, train=train, broadcast_dims=broadcast_dims, draw="bits")
+
+
+def _dropout(key, x, *, rate, train, broadcast_dims, draw: str) -> jax.Array:
+    """:func:`dropout`'s checks and dispatch, for either draw."""
     _checks.check_train(train)
     traced = isinstance(rate, jax.core.Tracer)
     if isinstance(rate, jax.core.Tracer):
@@ -110,25 +127,72 @@ def dropout(key: jax.Array | None, x: jax.Array, *, rate: float | jax.Array, tra
     if not traced and rate == 1.0:
         return jnp.zeros_like(x)
     mask_shape = tuple(1 if a in dims else n for a, n in enumerate(x.shape))
-    keep_prob, scale = _keep_prob_and_scale(rate, _checks.stat_dtype(x.dtype))
-    return _dropout_core(key, x, keep_prob, scale, mask_shape)
+    plan, threshold, scale = _plan_draw(rate, _checks.stat_dtype(x.dtype), draw)
+    return _dropout_core(key, x, threshold, scale, mask_shape, plan)
 
 
-def _keep_prob_and_scale(rate: Any, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """The keep probability in JAX's default float dtype, and the scale ``1 / (1 - rate)``.
+def bernoulli_dropout(key: jax.Array, x: jax.Array, *, rate: float | jax.Array,
+                      broadcast_dims: tuple[int, ...] = ()) -> jax.Array:
+    """Train-mode :func:`dropout` whose keep decision is ``jax.random.bernoulli(key, 1 - rate)``
+    's, element for element: the mask Flax's and Equinox's dropout draw from the same key.
 
-    The keep probability is what ``jax.random.bernoulli(key, 1.0 - rate)`` compares against, so
-    the same key drops the same elements as Flax's and Equinox's dropout. Rate 1 gets a scale of
-    0 (a traced rate may reach it), so that its outputs and gradients are 0, never NaN.
+    The framework adapters use it, so that swapping the import keeps a model's masks; it draws
+    32 random bits per element (:func:`dropout` draws 8 or 16) and keeps the mask bit-packed,
+    1 bit per element, for the backward.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxbn._dropout import bernoulli_dropout
+      >>> key, x = jax.random.key(0), jnp.ones((4, 5))
+      >>> kept = bernoulli_dropout(key, x, rate=0.3) != 0
+      >>> bool(jnp.all(kept == jax.random.bernoulli(key, 0.7, x.shape)))
+      True
     """
+    return _dropout(key, x, rate=rate, train=True, broadcast_dims=broadcast_dims,
+                    draw="bernoulli")
+
+
+class Draw(NamedTuple):
+    """How the keep decisions are drawn (static): ``"bits"`` with ``bits`` random bits per
+    element, or ``"bernoulli"`` (``jax.random.bernoulli``'s draw)."""
+
+    kind: str
+    bits: int = 32
+
+
+def _plan_draw(rate: Any, dtype: Any, kind: str) -> tuple[Draw, jax.Array, jax.Array]:
+    """``(draw, threshold, scale)``: keep where the drawn value is below ``threshold``, and scale
+    the kept values by ``1 / q``, ``q`` the realized keep probability. A rate of 1 (a traced rate
+    may reach it) gets a scale of 0, so that its outputs and gradients are 0, never NaN."""
+    keep = 1.0 - rate
+    if kind == "bernoulli":
+        if not isinstance(rate, jax.core.Tracer):
+            return Draw(kind), jnp.asarray(keep), jnp.asarray(1.0 / keep, dtype)
+        safe = jnp.where(rate < 1, keep, 1.0).astype(dtype)
+        return Draw(kind), keep, jnp.where(rate < 1, 1.0 / safe, 0.0).astype(dtype)
     if not isinstance(rate, jax.core.Tracer):
-        return jnp.asarray(1.0 - rate), jnp.asarray(1.0 / (1.0 - rate), dtype)
-    safe = jnp.where(rate < 1, 1.0 - rate, 1.0).astype(dtype)
-    return 1.0 - rate, jnp.where(rate < 1, 1.0 / safe, 0.0).astype(dtype)
+        bits = 8 if float(keep * 256).is_integer() else 16
+        t = round(keep * (1 << bits))
+        scale = (1 << bits) / t if t else 0.0
+        return Draw(kind, bits), jnp.asarray(t, jnp.uint32), jnp.asarray(scale, dtype)
+    levels = jnp.clip(jnp.round(keep * 65536.0), 0, 65536)
+    scale = jnp.where(levels > 0, 65536.0 / jnp.maximum(levels, 1), 0.0).astype(dtype)
+    return Draw(kind, 16), levels.astype(jnp.uint32), scale
 
 
-def _keep_mask(key: jax.Array, keep_prob: jax.Array, mask_shape: tuple[int, ...]) -> jax.Array:
-    return jax.random.bernoulli(key, keep_prob, mask_shape)
+def _keep_mask(key: jax.Array, threshold: jax.Array, mask_shape: tuple[int, ...],
+               draw: Draw) -> jax.Array:
+    """The boolean keep mask of ``mask_shape`` (see :func:`dropout` for the bit layout)."""
+    if draw.kind == "bernoulli":
+        return jax.random.bernoulli(key, threshold, mask_shape)
+    shape = mask_shape or (1,)
+    per_word = 32 // draw.bits
+    groups = -(-shape[-1] // per_word)
+    words = jax.random.bits(key, shape[:-1] + (groups,), jnp.uint32)
+    shifts = np.arange(per_word, dtype=np.uint32) * np.uint32(draw.bits)
+    values = (words[..., None] >> shifts) & np.uint32((1 << draw.bits) - 1)
+    values = values.reshape(shape[:-1] + (groups * per_word,))[..., :shape[-1]]
+    return (values < threshold).reshape(mask_shape)
 
 
 def _apply_mask(a: jax.Array, keep: jax.Array, scale: jax.Array) -> jax.Array:
@@ -136,24 +200,29 @@ def _apply_mask(a: jax.Array, keep: jax.Array, scale: jax.Array) -> jax.Array:
     return jnp.where(keep, a.astype(scale.dtype) * scale, 0).astype(a.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _dropout_core(key, x, keep_prob, scale, mask_shape):
-    return _apply_mask(x, _keep_mask(key, keep_prob, mask_shape), scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _dropout_core(key, x, threshold, scale, mask_shape, draw):
+    return _apply_mask(x, _keep_mask(key, threshold, mask_shape, draw), scale)
 
 
-def _dropout_core_fwd(key, x, keep_prob, scale, mask_shape):
-    keep = _keep_mask(key, keep_prob, mask_shape)
+def _dropout_core_fwd(key, x, threshold, scale, mask_shape, draw):
+    keep = _keep_mask(key, threshold, mask_shape, draw)
+    if draw.kind == "bits":  # residual: the key (the backward draws the mask again)
+        return _apply_mask(x, keep, scale), (key, threshold, scale)
     # Residual: the mask packed 8 elements to a byte (1 bit per element).
-    return _apply_mask(x, keep, scale), (jnp.packbits(keep.reshape(-1)), scale)
+    return _apply_mask(x, keep, scale), (jnp.packbits(keep.reshape(-1)), threshold, scale)
 
 
-def _dropout_core_bwd(mask_shape, residuals, dy):
-    """``y = x * m * scale`` is linear in x, so ``dx = dy * m * scale``, ``scale = 1/(1 - rate)``;
-    no gradient for the key, the keep probability or the rate."""
-    packed_mask, scale = residuals
-    size = int(np.prod(mask_shape))
-    keep = jnp.unpackbits(packed_mask, count=size).reshape(mask_shape).astype(bool)
-    return None, _apply_mask(dy, keep, scale), None, jnp.zeros_like(scale)
+def _dropout_core_bwd(mask_shape, draw, residuals, dy):
+    """``y = x * m * scale`` is linear in x, so ``dx = dy * m * scale``, ``scale = 1 / q``; no
+    gradient for the key, the threshold or the rate."""
+    saved, threshold, scale = residuals
+    if draw.kind == "bits":
+        keep = _keep_mask(saved, threshold, mask_shape, draw)
+    else:
+        size = int(np.prod(mask_shape))
+        keep = jnp.unpackbits(saved, count=size).reshape(mask_shape).astype(bool)
+    return None, _apply_mask(dy, keep, scale), None, None
 
 
 _dropout_core.defvjp(_dropout_core_fwd, _dropout_core_bwd)

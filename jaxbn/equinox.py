@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from jaxbn import _adapter
 from jaxbn._batch_norm import BatchNormState, batch_norm, check_axis_name
-from jaxbn._dropout import dropout
+from jaxbn._dropout import bernoulli_dropout
 from jaxbn._layer_norm import group_norm, layer_norm
 
 if TYPE_CHECKING:
@@ -157,4 +157,4 @@ class Dropout(eqx.nn.Dropout):
             return x
         if key is None and not (isinstance(self.p, (int, float)) and self.p == 0):
             raise RuntimeError("Dropout requires a key when running in non-deterministic mode.")
-        return dropout(key, x, rate=self.p, train=True)
+        return bernoulli_dropout(key, x, rate=self.p)

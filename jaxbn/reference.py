@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["normalize", "batch_norm_train", "batch_norm_test", "layer_norm", "group_norm",
-           "dropout"]
+           "dropout", "bernoulli_dropout", "batch_renorm_train"]
 
 
 def _float_dtype(*dtypes: Any) -> Any:
@@ -169,7 +169,13 @@ def group_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, groups: int,
 
 
 def dropout(key: jax.Array, x: jax.Array, *, rate: float) -> jax.Array:
-    """Inverted dropout as ``bernoulli`` + ``where``: drop with probability ``rate``.
+    """Inverted dropout as :func:`jaxbn.dropout` documents it, written from that description.
+
+    ``b = 8`` random bits per element when ``(1 - rate) * 256`` is a whole number, else 16;
+    element ``j`` of the last axis takes the ``j % (32 / b)``-th little-endian ``b``-bit piece of
+    word ``j // (32 / b)`` of ``jax.random.bits(key, (..., ceil(n / (32 / b))), uint32)`` (here
+    split by a bitcast, not by shifts); keep where it is below ``t = round((1 - rate) 2^b)``,
+    and scale the kept values by ``2^b / t``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxbn
@@ -178,6 +184,33 @@ def dropout(key: jax.Array, x: jax.Array, *, rate: float) -> jax.Array:
       >>> bool(jnp.all(reference.dropout(key, x, rate=0.5) == jaxbn.dropout(key, x, rate=0.5,
       ...                                                                 train=True)))
       True
+    """
+    keep = 1.0 - rate
+    bits = 8 if keep * 256 == round(keep * 256) else 16
+    levels = 2 ** bits
+    threshold = round(keep * levels)
+    if threshold == 0:
+        return jnp.zeros_like(x)
+    shape = x.shape if x.ndim else (1,)
+    pieces = 32 // bits
+    words = jax.random.bits(key, shape[:-1] + (-(-shape[-1] // pieces),), jnp.uint32)
+    values = jax.lax.bitcast_convert_type(words, jnp.uint8 if bits == 8 else jnp.uint16)
+    values = values.reshape(shape[:-1] + (-1,))[..., :shape[-1]].reshape(x.shape)
+    y = jnp.where(values < threshold, x.astype(jnp.float64 if x.dtype == jnp.float64
+                                               else jnp.float32) * (levels / threshold), 0)
+    return y.astype(x.dtype)
+
+
+def bernoulli_dropout(key: jax.Array, x: jax.Array, *, rate: float) -> jax.Array:
+    """Inverted dropout as ``bernoulli`` + ``where``: the mask Flax's and Equinox's dropout draw
+    (and jaxbn's adapters of them).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxbn import reference
+      >>> y = reference.bernoulli_dropout(jax.random.key(0), jnp.ones(1000), rate=0.25)
+      >>> sorted(set(y.tolist()))
+      [0.0, 1.3333333333333333]
     """
     if rate == 1.0:
         return jnp.zeros_like(x)
@@ -189,7 +222,18 @@ def batch_renorm_train(x: jax.Array, gamma: jax.Array, beta: jax.Array, running_
                        running_var: jax.Array, *, r_max: float, d_max: float, axis: int = -1,
                        eps: float = 1e-5) -> jax.Array:
     """Batch renormalization in train mode, written from the paper: ``y = gamma * (x_hat * r +
-    d) + beta`` with ``r``, ``d`` clipped and held constant (``stop_gradient``)."""
+    d) + beta`` with ``r``, ``d`` clipped and held constant (``stop_gradient``).
+
+    Example: ``r_max=1, d_max=0`` is batch norm.
+
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxbn import reference
+      >>> x, g, b = jax.random.normal(jax.random.key(0), (8, 3)), jnp.ones(3), jnp.zeros(3)
+      >>> y = reference.batch_renorm_train(x, g, b, jnp.zeros(3), jnp.ones(3), r_max=1.0,
+      ...                                  d_max=0.0)
+      >>> bool(jnp.allclose(y, reference.batch_norm_train(x, g, b)[0], atol=1e-6))
+      True
+    """
     axis = axis % x.ndim
     shape = _feature_shape(x.ndim, axis, x.shape[axis])
     stat_axes = tuple(a for a in range(x.ndim) if a != axis)

@@ -165,7 +165,8 @@ def _compare_leaf(what, a, e, *, rtol, atol, reduction_size) -> None:
 def check_vjp(f: Callable, f_ref: Callable, *primals: Any, argnums: Sequence[int] | None = None,
               key: jax.Array | None = None, draws: int = 3, has_aux: bool = False,
               compare_aux: bool = False, rtol: float | None = None, atol: float = 0.0,
-              reduction_size: int | None = None, reference_dtype: Any = None) -> None:
+              reduction_size: int | None = None, reference_dtype: Any = None,
+              jit: bool = True) -> None:
     """Checks outputs and VJPs of ``f`` against ``f_ref`` under random cotangents.
 
     Args:
@@ -182,6 +183,8 @@ def check_vjp(f: Callable, f_ref: Callable, *primals: Any, argnums: Sequence[int
       reduction_size: ``m`` in the default tolerance (default: the largest input leaf's size).
       reference_dtype: run ``f_ref`` with floating inputs cast to this dtype (e.g.
         ``jnp.float64``, to compare a float32 rule against float64 ground truth).
+      jit: compute each side's output and VJPs in one ``jax.jit`` (one compilation instead of
+        one per operation: much faster for small inputs); ``False`` runs them eagerly.
 
     Raises:
       AssertionError: naming the output or input, the leaf, the worst element's index, the two
@@ -205,25 +208,47 @@ def check_vjp(f: Callable, f_ref: Callable, *primals: Any, argnums: Sequence[int
       AssertionError: VJP (random cotangent 0) w.r.t. input 0 differs from the reference: ...
     """
     inputs = _Inputs(primals, argnums)
-    m = reduction_size or max(int(np.size(leaf)) for leaf in inputs.leaves)
-    fn, fn_ref = _main_output(f, has_aux), _main_output(f_ref, has_aux)
     ref_inputs = _Inputs(_cast_floats(primals, reference_dtype), argnums)
-    out, pullback = jax.vjp(lambda *leaves: inputs.call(fn, leaves), *inputs.leaves)
-    out_ref, pullback_ref = jax.vjp(lambda *leaves: ref_inputs.call(fn_ref, leaves),
-                                    *ref_inputs.leaves)
+    m = reduction_size or max(int(np.size(leaf)) for leaf in inputs.leaves)
     tolerances: dict[str, Any] = dict(rtol=rtol, atol=atol, reduction_size=m)
-    _compare("output", out, out_ref, **tolerances)
-    if has_aux and compare_aux:
-        _compare("aux output", f(*primals)[1], f_ref(*_cast_floats(primals, reference_dtype))[1],
-                 **tolerances)
     keys = jax.random.split(jax.random.key(0) if key is None else key, draws)
-    for draw, k in enumerate(keys):
-        ct = _random_cotangent(k, out)
-        ct_ref = jax.tree.map(lambda c, r: c.astype(r.dtype) if _is_inexact(r) else c, ct,
-                              out_ref)
-        grads, grads_ref = pullback(ct), pullback_ref(ct_ref)
+    out_shape = jax.eval_shape(lambda *xs: inputs.call(_main_output(f, has_aux), xs),
+                               *inputs.leaves)
+    # The same cotangents for both sides (cast to the reference's dtypes there), drawn outside
+    # the compiled functions: a jitted random draw compiles slowly.
+    cts = [_random_cotangent(k, out_shape) for k in keys]
+    ours = _vjps(f, inputs, has_aux, jit)(inputs.leaves, _inexact(cts))
+    theirs = _vjps(f_ref, ref_inputs, has_aux, jit)(ref_inputs.leaves, _inexact(cts))
+    _compare("output", ours[0], theirs[0], **tolerances)
+    if has_aux and compare_aux:
+        _compare("aux output", ours[1], theirs[1], **tolerances)
+    for draw, (grads, grads_ref) in enumerate(zip(ours[2], theirs[2])):
         for name, g, g_ref in zip(inputs.names, grads, grads_ref):
             _compare(f"VJP (random cotangent {draw}) w.r.t. {name}", g, g_ref, **tolerances)
+
+
+def _inexact(tree: Any) -> Any:
+    """The inexact leaves of ``tree``, None for the others (float0 cannot enter ``jax.jit``)."""
+    return jax.tree.map(lambda a: a if _is_inexact(a) else None, tree)
+
+
+def _vjps(f: Callable, inputs: _Inputs, has_aux: bool, jit: bool) -> Callable:
+    """``(leaves, cotangents) -> (out, aux, [VJP for each cotangent])`` for one side."""
+    def run(leaves, cts):
+        call = lambda *xs: inputs.call(f, xs)
+        if has_aux:
+            out, pullback, aux = jax.vjp(call, *leaves, has_aux=True)
+        else:
+            (out, pullback), aux = jax.vjp(call, *leaves), None
+        grads = []
+        for ct in cts:
+            ct = jax.tree.map(lambda c, o: c.astype(o.dtype) if c is not None else
+                              np.zeros(jnp.shape(o), jax.dtypes.float0), ct, out,
+                              is_leaf=lambda c: c is None)
+            grads.append(pullback(ct))
+        return out, aux, grads
+
+    return jax.jit(run) if jit else run
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,18 +15,40 @@ from helpers import rand
 KEYS = {"typed": lambda s: jax.random.key(s), "legacy": lambda s: jax.random.PRNGKey(s)}
 
 
-@pytest.mark.parametrize("rate", [0.1, 0.5, 0.75])
+def _realized(rate):
+    """The documented keep probability: (1 - rate) in steps of 1/256 if exact there, else of
+    1/65536 (written from the docstring, not read off the code)."""
+    levels = 256 if ((1 - rate) * 256).is_integer() else 65536
+    return round((1 - rate) * levels) / levels
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.75, 0.3])
 @pytest.mark.parametrize("key_kind", list(KEYS))
 def test_drop_fraction_and_mean(rate, key_kind):
     x = jnp.full((200, 500), 3.0, jnp.float32)
     y = jaxbn.dropout(KEYS[key_kind](0), x, rate=rate, train=True)
-    n = x.size
+    n, keep = x.size, _realized(rate)
+    assert abs(keep - (1 - rate)) <= 2 ** -17
     frac = float(jnp.mean(y == 0))
-    assert abs(frac - rate) <= 4 * np.sqrt(rate * (1 - rate) / n)
-    # Kept values are scaled by 1 / (1 - rate): the mean is preserved within 4 sigma.
-    np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 3.0 / (1 - rate)], rtol=1e-6)
-    sigma = 3.0 * np.sqrt(rate / (1 - rate) / n)
+    assert abs(frac - (1 - keep)) <= 4 * np.sqrt(keep * (1 - keep) / n)
+    # Kept values are scaled by 1 / keep: the mean is preserved within 4 sigma.
+    np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 3.0 / keep], rtol=1e-6)
+    sigma = 3.0 * np.sqrt((1 - keep) / keep / n)
     assert abs(float(jnp.mean(y)) - 3.0) <= 4 * sigma
+
+
+def test_neighbours_sharing_a_random_word_are_independent():
+    """Four (or two) elements read one 32-bit word: their keep decisions must not repeat."""
+    n = 1 << 18
+    for rate in (0.5, 0.3):  # 8 and 16 bits per element
+        kept = np.asarray(jaxbn.dropout(jax.random.key(1), jnp.ones((4, n)), rate=rate,
+                                        train=True) != 0, np.float64)
+        for lag in (1, 2, 3, 4):
+            a, b = kept[:, :-lag].ravel(), kept[:, lag:].ravel()
+            corr = np.corrcoef(a, b)[0, 1]
+            assert abs(corr) < 5 / np.sqrt(a.size), (rate, lag, corr)
+        rows = np.corrcoef(kept)[~np.eye(4, dtype=bool)]
+        assert np.all(np.abs(rows) < 5 / np.sqrt(n))
 
 
 def test_test_mode_is_exact_identity_and_accepts_no_key():
@@ -57,7 +79,7 @@ def test_vjp_is_mask_times_scale(dtype, key_kind):
     dy = rand(1, x.shape, dtype)
     (dx,) = pullback(dy)
     mask = np.asarray(y != 0) | np.asarray(x == 0)
-    expected = np.where(mask, np.asarray(dy, np.float64) / 0.7, 0.0)
+    expected = np.where(mask, np.asarray(dy, np.float64) / _realized(0.3), 0.0)
     assert y.dtype == dtype and dx.dtype == dtype
     tol = 1e-2 if dtype == jnp.bfloat16 else 1e-6
     np.testing.assert_allclose(np.asarray(dx, np.float64), expected, rtol=tol, atol=tol)
@@ -65,19 +87,32 @@ def test_vjp_is_mask_times_scale(dtype, key_kind):
     np.testing.assert_array_equal(np.asarray(dx) == 0, np.asarray(y) == 0)
 
 
-def test_same_mask_as_bernoulli_where_reference_and_finite_differences():
+def test_mask_is_the_documented_one_and_finite_differences_hold():
     key = jax.random.key(2)
     x = rand(0, (6, 5))
     fn = lambda x: jaxbn.dropout(key, x, rate=0.4, train=True)
     testing.check_finite_differences(fn, x, tol=1e-8)
-    # The keep decision is jax.random.bernoulli(key, 1 - rate)'s, element for element: the same key
-    # drops the same elements as Flax's and Equinox's dropout.
-    for rate, shape in [(0.4, (400, 400)), (0.1, (3, 7, 5)), (0.9, (1000,))]:
+    # The oracle draws the mask from the docstring's description (a bitcast of the random words
+    # where the implementation shifts): the same elements for every rate and shape, including a
+    # last axis that the words do not divide, a scalar, and a traced rate (16 bits).
+    for rate, shape in [(0.4, (400, 400)), (0.25, (3, 7, 5)), (0.9, (1001,)), (0.5, ())]:
         ones = jnp.ones(shape)
         ref = reference.dropout(key, ones, rate=rate)
         ours = jaxbn.dropout(key, ones, rate=rate, train=True)
-        np.testing.assert_array_equal(np.asarray(ours) == 0, np.asarray(ref) == 0)
-        assert 0 < float(jnp.mean(ours == 0)) < 1
+        np.testing.assert_array_equal(ours, ref)
+        if shape != ():
+            assert 0 < float(jnp.mean(ours == 0)) < 1
+    traced = jax.jit(lambda r: jaxbn.dropout(key, jnp.ones((50, 30)), rate=r, train=True))
+    np.testing.assert_array_equal(traced(0.4), reference.dropout(key, jnp.ones((50, 30)),
+                                                                 rate=0.4))
+    np.testing.assert_array_equal(traced(0.5) != 0,  # a traced rate takes 16 bits: 0.5 too
+                                  _sixteen_bit_mask(key, (50, 30), 0.5))
+
+
+def _sixteen_bit_mask(key, shape, rate):
+    words = np.asarray(jax.random.bits(key, shape[:-1] + (-(-shape[-1] // 2),), jnp.uint32))
+    halves = words.view(np.uint16).reshape(shape[:-1] + (-1,))[..., :shape[-1]]
+    return halves < round((1 - rate) * 65536)
 
 
 def test_rate_limits():
@@ -92,7 +127,8 @@ def test_rate_limits():
     assert np.all(np.isfinite(g1))
     # Near 1: finite, large scale.
     y9 = jaxbn.dropout(key, jnp.ones((100, 100)), rate=0.999, train=True)
-    assert np.all(np.isfinite(y9)) and float(jnp.max(y9)) == pytest.approx(1000.0, rel=1e-4)
+    assert np.all(np.isfinite(y9)) and float(jnp.max(y9)) == pytest.approx(1 / _realized(0.999),
+                                                                            rel=1e-6)
 
 
 def test_broadcast_dims_share_the_mask():
@@ -125,14 +161,22 @@ def test_vmap_over_keys_gives_independent_masks():
 
 
 @pytest.mark.parametrize("broadcast_dims", [(), (1,)])
-def test_residual_is_at_most_one_bit_per_element(broadcast_dims):
+def test_residual_holds_nothing_the_size_of_x(broadcast_dims):
+    """jaxbn.dropout draws the mask again in the backward: the residual is the key, the
+    threshold and the scale; the adapters' bernoulli draw keeps 1 bit per element."""
+    from jaxbn._dropout import bernoulli_dropout
+
     x = jnp.ones((256, 200), jnp.float32)
-    fn = lambda x: jaxbn.dropout(jax.random.key(0), x, rate=0.5, train=True,
-                                 broadcast_dims=broadcast_dims)
-    _, pullback = jax.vjp(fn, x)
-    arrays = [leaf for leaf in jax.tree.leaves(pullback) if hasattr(leaf, "nbytes")]
+    key = jax.random.key(0)
     mask_elements = x.size if not broadcast_dims else x.shape[0]
-    assert sum(a.nbytes for a in arrays) <= mask_elements / 8 + 16
+    for fn, limit in ((lambda x: jaxbn.dropout(key, x, rate=0.5, train=True,
+                                               broadcast_dims=broadcast_dims), 64),
+                      (lambda x: bernoulli_dropout(key, x, rate=0.5,
+                                                   broadcast_dims=broadcast_dims),
+                       mask_elements / 8 + 64)):
+        _, pullback = jax.vjp(fn, x)
+        arrays = [leaf for leaf in jax.tree.leaves(pullback) if hasattr(leaf, "nbytes")]
+        assert sum(a.nbytes for a in arrays) <= limit
 
 
 BAD = [

@@ -253,6 +253,7 @@ def test_label_noise_is_drawn_per_seed_and_leaves_validation_clean():
     assert not np.array_equal(flipped[0], flipped[1])  # each seed its own noise
 
 
+@pytest.mark.slow  # two trainings, each compiled (about 10 s)
 def test_fit_seeds_trains_each_seed_as_training_fit_would_alone():
     import jax
     import optax

@@ -60,7 +60,8 @@ GROUP_CASES = [(1, "NCHW"), (2, "NCHW"), (6, "NCHW"), (1, "NHWC"), (3, "NHWC"), 
 
 
 @pytest.mark.parametrize("backward", RULES)
-@pytest.mark.parametrize("groups,layout", GROUP_CASES, ids=[f"G{g}-{lay}" for g, lay in GROUP_CASES])
+@pytest.mark.parametrize("groups,layout", GROUP_CASES,
+                         ids=[f"G{g}-{lay}" for g, lay in GROUP_CASES])
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
 def test_group_norm_vjp_matches_autodiff(backward, groups, layout, dtype):
     shape = (2, 6, 3, 4) if layout == "NCHW" else (2, 3, 4, 6)

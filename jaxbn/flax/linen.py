@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import jax.numpy as jnp
 
 from jaxbn import _adapter
-from jaxbn._dropout import dropout
+from jaxbn._dropout import bernoulli_dropout
 
 if TYPE_CHECKING:
     from flax import linen as nn
@@ -121,5 +121,5 @@ class Dropout(nn.Dropout):
         if self.rate == 1.0:  # Flax draws no key here: keep the rng stream in step with it
             return jnp.zeros_like(inputs)
         key = self.make_rng(self.rng_collection) if rng is None else rng
-        return dropout(key, inputs, rate=self.rate, train=True,
-                       broadcast_dims=tuple(self.broadcast_dims))
+        return bernoulli_dropout(key, inputs, rate=self.rate,
+                                 broadcast_dims=tuple(self.broadcast_dims))

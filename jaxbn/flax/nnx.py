@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import jax.numpy as jnp
 
 from jaxbn import _adapter
-from jaxbn._dropout import dropout
+from jaxbn._dropout import bernoulli_dropout
 
 if TYPE_CHECKING:
     from flax import nnx
@@ -131,8 +131,8 @@ class Dropout(nnx.Dropout):
             return inputs
         if self.rate == 1.0:  # Flax draws no key here: keep the rng stream in step with it
             return jnp.zeros_like(inputs)
-        return dropout(self._key(rngs), inputs, rate=self.rate, train=True,
-                       broadcast_dims=tuple(self.broadcast_dims))
+        return bernoulli_dropout(self._key(rngs), inputs, rate=self.rate,
+                                 broadcast_dims=tuple(self.broadcast_dims))
 
     def _key(self, rngs):
         """The next key, drawn as ``flax.nnx.Dropout`` draws it."""
