@@ -3,11 +3,13 @@
 The cs231n write-ups report the simplified ("alt") backward about 2x faster than the staged
 ("graph") one in numpy. This study times, for each shape, jitted forward + backward of jaxbn's
 ``"graph"``, ``"alt"`` and ``"autodiff"`` (float32, train mode) and numpy forward + backward of both
-derivations as a reference, as medians of interleaved repetitions.
+derivations as a reference, as medians of interleaved repetitions, once per seed (the seed draws
+the data; each seed's rounds are a separate measurement).
 """
 
 from __future__ import annotations
 
+import functools
 import platform
 from typing import Any
 
@@ -16,9 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxbn
-from experiments.timing import interleaved_medians, native_kernels
+from experiments.timing import interleaved_times, native_kernels
 
-SHAPES = [(100, 500), (1000, 500), (4096, 1024), (16384, 1024)]
+SHAPES = [(100, 500), (1000, 500), (4096, 1024)]
+# The ratios the findings compare, each per interleaved round.
+RATIOS = [("numpy_graph", "numpy_alt"), ("jax_graph", "jax_alt"), ("jax_autodiff", "jax_alt")]
 QUICK_SHAPES = [(100, 500), (1000, 500)]
 
 
@@ -61,8 +65,9 @@ def numpy_backward_alt(dout, cache):
     return dx, dgamma, dbeta
 
 
-def _jax_step(backward):
-    state = None
+def _jax_step(backward, x, gamma, beta, dy):
+    """Jitted forward + backward of jaxbn's ``backward`` rule, compiled for these shapes."""
+    state = jaxbn.init_batch_norm_state(x.shape[1])
 
     @jax.jit
     def step(x, gamma, beta, dy):
@@ -70,36 +75,50 @@ def _jax_step(backward):
         _, pullback = jax.vjp(fn, x, gamma, beta)
         return pullback(dy)
 
-    def bind(x, gamma, beta, dy):
-        nonlocal state
-        state = jaxbn.init_batch_norm_state(x.shape[1])
-        # The derivations compared as jnp code: without the native kernels (which run "alt").
-        with native_kernels(False):
-            compiled = step.lower(x, gamma, beta, dy).compile()
-        return lambda: compiled(x, gamma, beta, dy)
-
-    return bind
+    # The derivations compared as jnp code: without the native kernels (which run "alt").
+    with native_kernels(False):
+        return step.lower(x, gamma, beta, dy).compile()
 
 
-def run(quick: bool = False, seed: int = 0) -> dict[str, Any]:
+def _numpy_step(backward, x, gamma, beta, dy):
+    return backward(dy, numpy_forward(x, gamma, beta)[1])
+
+
+def _arrays(rng, n, d):
+    x = rng.normal(size=(n, d)).astype(np.float32) * 2 + 1
+    gamma = rng.normal(size=d).astype(np.float32)
+    beta = rng.normal(size=d).astype(np.float32)
+    return x, gamma, beta, rng.normal(size=(n, d)).astype(np.float32)
+
+
+def run(quick: bool = False, seeds: list[int] = (0, 1, 2)) -> dict[str, Any]:
+    """Per shape and seed (the seed draws the data; each seed is its own block of interleaved
+    rounds, so the spread over seeds is the spread between separate measurements)."""
     shapes = QUICK_SHAPES if quick else SHAPES
-    rng = np.random.default_rng(seed)
     rows = []
     for n, d in shapes:
-        x = rng.normal(size=(n, d)).astype(np.float32) * 2 + 1
-        gamma = rng.normal(size=d).astype(np.float32)
-        beta = rng.normal(size=d).astype(np.float32)
-        dy = rng.normal(size=(n, d)).astype(np.float32)
-        jx, jg, jb, jdy = map(jnp.asarray, (x, gamma, beta, dy))
-        fns = {f"jax_{b}": _jax_step(b)(jx, jg, jb, jdy) for b in ("graph", "alt", "autodiff")}
-        fns["numpy_graph"] = lambda: numpy_backward_graph(dy, numpy_forward(x, gamma, beta)[1])
-        fns["numpy_alt"] = lambda: numpy_backward_alt(dy, numpy_forward(x, gamma, beta)[1])
-        size = n * d
-        repeats = 5 if quick else (30 if size <= 1e6 else 10)
-        medians = interleaved_medians(fns, repeats=repeats, warmup=2)
-        rows.append({"shape": [n, d], "seconds": medians})
+        probe = [jnp.asarray(a) for a in _arrays(np.random.default_rng(seeds[0]), n, d)]
+        compiled = {f"jax_{b}": _jax_step(b, *probe) for b in ("graph", "alt", "autodiff")}
+        repeats = 4 if quick else (8 if n * d <= 1e6 else 4)
+        per_seed, ratios = [], {pair: [] for pair in RATIOS}
+        for seed in seeds:
+            x, gamma, beta, dy = _arrays(np.random.default_rng(seed), n, d)
+            args = [jnp.asarray(a) for a in (x, gamma, beta, dy)]
+            fns = {name: functools.partial(c, *args) for name, c in compiled.items()}
+            for name, backward in (("numpy_graph", numpy_backward_graph),
+                                   ("numpy_alt", numpy_backward_alt)):
+                fns[name] = functools.partial(_numpy_step, backward, x, gamma, beta, dy)
+            times = {k: np.asarray(v) for k, v in
+                     interleaved_times(fns, repeats=repeats, warmup=1).items()}
+            per_seed.append({k: float(np.median(v)) for k, v in times.items()})
+            # Round by round, the two candidates ran side by side: the median of those ratios.
+            for (a, b) in RATIOS:
+                ratios[(a, b)].append(float(np.median(times[a] / times[b])))
+        rows.append({"shape": [n, d],
+                     "seconds": {name: [m[name] for m in per_seed] for name in per_seed[0]},
+                     "ratios": {f"{a}/{b}": r for (a, b), r in ratios.items()}})
     return {"config": {"shapes": [list(s) for s in shapes], "dtype": "float32",
                        "what": "forward + backward, train mode, jitted (numpy: eager)",
                        "machine": f"{platform.processor() or platform.machine()}, "
                                   f"{jax.device_count()} {jax.default_backend()} device(s)"},
-            "rows": rows}
+            "seeds": list(seeds), "rows": rows}

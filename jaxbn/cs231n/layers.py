@@ -7,7 +7,8 @@ registers (:func:`jaxbn._rules.graph_rule` and :func:`~jaxbn._rules.alt_rule`), 
 applied to the residuals its forward saves; the other backwards are ``jax.vjp`` of the core layers.
 
 ``dropout_forward``'s ``p`` is the probability of *dropping* a unit (the 2016-17 assignment); the
-2018+ assignments use ``p`` as the keep probability: see :mod:`jaxbn.cs231n` for the differences.
+2018+ assignments use ``p`` as the keep probability, which ``jaxbn.cs231n.set_dropout_p("keep")``
+selects (see :mod:`jaxbn.cs231n` for the differences).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from jaxbn._dropout import dropout
 from jaxbn._layout import layout
 from jaxbn._normalize import _normalize_core_fwd
 from jaxbn._rules import Config, Residuals, alt_rule, graph_rule
+from jaxbn.cs231n._dropout_p import drop_rate
 
 __all__ = [
     "affine_forward", "affine_backward", "relu_forward", "relu_backward", "softmax_loss",
@@ -232,8 +234,9 @@ def _dropout_key(dropout_param):
 
 
 def dropout_forward(x, dropout_param):
-    """Inverted dropout; ``dropout_param``: ``p`` the probability of *dropping* a unit, ``mode``
-    'train'/'test', optional ``seed``. Returns ``(out, cache)``."""
+    """Inverted dropout; ``dropout_param``: ``p`` the probability of *dropping* a unit (of
+    *keeping* one after ``jaxbn.cs231n.set_dropout_p("keep")``, as in the 2018+ assignment),
+    ``mode`` 'train'/'test', optional ``seed``. Returns ``(out, cache)``."""
     p, mode = dropout_param["p"], dropout_param["mode"]
     if mode not in ("train", "test"):
         raise ValueError(f"dropout_param['mode'] must be 'train' or 'test'; got {mode!r}.")
@@ -241,12 +244,14 @@ def dropout_forward(x, dropout_param):
     if mode == "test":
         return _np(x), (dropout_param, None)
     key = _dropout_key(dropout_param)
-    out, pullback = jax.vjp(lambda x: dropout(key, x, rate=p, train=True), x)
+    rate = drop_rate(p)
+    out, pullback = jax.vjp(lambda x: dropout(key, x, rate=rate, train=True), x)
     return _np(out), (dropout_param, pullback)
 
 
 def dropout_backward(dout, cache):
-    """``dout * mask / (1 - p)`` in train mode (the core's rule), ``dout`` in test mode."""
+    """``dout * mask / (1 - rate)`` in train mode, ``rate`` the drop probability (the core's
+    rule), ``dout`` in test mode."""
     dropout_param, pullback = cache
     if dropout_param["mode"] == "test" or pullback is None:
         return _np(_jnp(dout))

@@ -1,7 +1,8 @@
 """``cs231n/classifiers/fc_net.py``: the assignment's ``FullyConnectedNet``, on :mod:`jaxbn.nets`.
 
-Every generation of its signature works: ``dropout`` as the 2016-17 drop probability,
-``use_batchnorm`` (2016-17) or ``normalization`` (2018+), and ``dropout_keep_ratio`` (2021+). The
+Every generation of its signature works: ``dropout`` as the 2016-17 drop probability (or, after
+``jaxbn.cs231n.set_dropout_p("keep")``, as the 2018-20 keep probability), ``use_batchnorm``
+(2016-17) or ``normalization`` (2018+), and ``dropout_keep_ratio`` (2021+). Without that line the
 2018-20 spelling ``dropout=1`` ("keep everything") is refused with an explanation, because read
 as a drop probability it would drop every unit.
 """
@@ -17,6 +18,7 @@ import numpy as np
 from jaxbn import _checks, _losses, nets
 from jaxbn._batch_norm import BatchNormState
 from jaxbn._normalize import BACKWARDS
+from jaxbn.cs231n import _dropout_p
 from jaxbn.cs231n.layers import _dropout_key, _jnp, _np
 
 __all__ = ["FullyConnectedNet"]
@@ -32,15 +34,24 @@ def _loss_and_grads(params, state, x, y, key, reg, *, train):
     return jax.value_and_grad(objective, has_aux=True)(params)
 
 
-def _drop_rate(dropout, dropout_keep_ratio) -> float:
-    """The drop probability from either spelling, refusing the ambiguous ones."""
+def _drop_rate(dropout, dropout_keep_ratio, meaning) -> float:
+    """The drop probability from either spelling, with ``dropout`` read as ``meaning`` says
+    (``"drop"`` or ``"keep"``), refusing the ambiguous ones."""
     if dropout is not None and dropout_keep_ratio is not None:
-        raise ValueError(f"pass dropout (drop probability) or dropout_keep_ratio (keep "
-                         f"probability), not both; got dropout={dropout!r}, "
+        raise ValueError(f"pass dropout (a {meaning} probability here) or dropout_keep_ratio (a "
+                         f"keep probability), not both; got dropout={dropout!r}, "
                          f"dropout_keep_ratio={dropout_keep_ratio!r}.")
     if dropout_keep_ratio is not None:
         keep = _checks.check_real("dropout_keep_ratio", dropout_keep_ratio, low=0.0, high=1.0,
                                   low_open=True)
+        return 1.0 - keep
+    if meaning == "keep":
+        keep = _checks.check_real("dropout", 1.0 if dropout is None else dropout, low=0.0,
+                                  high=1.0)
+        if keep == 0.0:
+            raise ValueError(
+                "dropout=0 would drop every unit: after set_dropout_p('keep'), as in the 2018-20 "
+                "assignment, dropout is the probability of keeping a unit (1 = no dropout).")
         return 1.0 - keep
     rate = _checks.check_real("dropout", 0.0 if dropout is None else dropout, low=0.0, high=1.0)
     if rate == 1.0:
@@ -49,8 +60,14 @@ def _drop_rate(dropout, dropout_keep_ratio) -> float:
             "probability of dropping a unit (0 = no dropout); in the 2018-20 assignment it was "
             "the keep probability, with dropout=1 meaning 'no dropout'. For no dropout pass "
             "dropout=0 (or dropout_keep_ratio=1); to keep units with probability k pass "
-            "dropout_keep_ratio=k.")
+            "dropout_keep_ratio=k, or put jaxbn.cs231n.set_dropout_p('keep') at the top of a "
+            "2018+ notebook.")
     return rate
+
+
+def _keep(dropout, dropout_keep_ratio) -> float:
+    """The keep probability as given (not ``1 - (1 - k)``, which rounds)."""
+    return float(dropout_keep_ratio if dropout_keep_ratio is not None else dropout)
 
 
 def _normalization(use_batchnorm, normalization):
@@ -74,18 +91,24 @@ class FullyConnectedNet:
 
     Args:
       hidden_dims, input_dim, num_classes, reg, weight_scale, dtype, seed: as in the assignment.
-      dropout: probability of *dropping* a unit (2016-17), 0 or None for no dropout.
+      dropout: probability of *dropping* a unit (2016-17), 0 or None for no dropout; after
+        ``jaxbn.cs231n.set_dropout_p("keep")`` the probability of *keeping* one (2018-20), 1 or
+        None for no dropout.
       use_batchnorm: the 2016-17 spelling of ``normalization="batchnorm"``.
       normalization: None, ``"batchnorm"`` or ``"layernorm"`` (2018+).
       dropout_keep_ratio: probability of *keeping* a unit (2021+); 1 for no dropout.
       backward: jaxbn's option, the normalizations' backward rule in ``loss``: ``"alt"``
         (default, the closed-form derivation), ``"graph"`` (the staged one) or ``"autodiff"``.
+
+    ``dropout_param["p"]`` holds the drop probability, or the keep probability after
+    ``set_dropout_p("keep")``, as each era's notebook reads it.
     """
 
     def __init__(self, hidden_dims, input_dim=3 * 32 * 32, num_classes=10, dropout=None,
                  use_batchnorm=False, normalization=None, reg=0.0, weight_scale=1e-2,
                  dtype=np.float32, seed=None, dropout_keep_ratio=None, *, backward="alt"):
-        rate = _drop_rate(dropout, dropout_keep_ratio)
+        self._p_means = _dropout_p.dropout_p()  # how dropout_param["p"] reads, fixed here
+        rate = _drop_rate(dropout, dropout_keep_ratio, self._p_means)
         _checks.check_choice("backward", backward, BACKWARDS)
         self.backward = backward
         self.normalization = _normalization(use_batchnorm, normalization)
@@ -105,7 +128,8 @@ class FullyConnectedNet:
         self.params = {name: value.astype(dtype) for name, value in self.params.items()}
         self.dropout_param = {}
         if self.use_dropout:
-            self.dropout_param = {"mode": "train", "p": rate}
+            p = rate if self._p_means == "drop" else _keep(dropout, dropout_keep_ratio)
+            self.dropout_param = {"mode": "train", "p": p}
             if seed is not None:
                 self.dropout_param["seed"] = seed
         self.bn_params = []
@@ -122,7 +146,8 @@ class FullyConnectedNet:
                 jnp.asarray(p.get("running_var", zeros(i)), stat_dtype))
                 for i, p in enumerate(self.bn_params, start=1))
         first = self.bn_params[0] if self.bn_params else {}
-        rate = float(self.dropout_param.get("p", 0.0)) if self.use_dropout else 0.0
+        rate = (_dropout_p.drop_rate(float(self.dropout_param["p"]), self._p_means)
+                if self.use_dropout else 0.0)
         return nets.NetState(bn_states, self.normalization, rate,
                              float(first.get("momentum", 0.9)), float(first.get("eps", 1e-5)),
                              backward=self.backward)
