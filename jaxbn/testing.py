@@ -184,7 +184,9 @@ def check_vjp(f: Callable, f_ref: Callable, *primals: Any, argnums: Sequence[int
       reference_dtype: run ``f_ref`` with floating inputs cast to this dtype (e.g.
         ``jnp.float64``, to compare a float32 rule against float64 ground truth).
       jit: compute each side's output and VJPs in one ``jax.jit`` (one compilation instead of
-        one per operation: much faster for small inputs); ``False`` runs them eagerly.
+        one per operation: much faster for small inputs); a side that cannot be traced (a
+        reference that reads array values, e.g. ``np.flatnonzero(mask)``) runs eagerly.
+        ``False`` runs both eagerly.
 
     Raises:
       AssertionError: naming the output or input, the leaf, the worst element's index, the two
@@ -248,7 +250,22 @@ def _vjps(f: Callable, inputs: _Inputs, has_aux: bool, jit: bool) -> Callable:
             grads.append(pullback(ct))
         return out, aux, grads
 
-    return jax.jit(run) if jit else run
+    if not jit:
+        return run
+    compiled = jax.jit(run)
+
+    def run_compiled_if_traceable(leaves, cts):
+        try:
+            return compiled(leaves, cts)
+        except _VALUE_DEPENDENT:
+            return run(leaves, cts)
+
+    return run_compiled_if_traceable
+
+
+# The errors of a function that needs concrete values, which jax.jit cannot give it.
+_VALUE_DEPENDENT = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                    jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -185,3 +185,25 @@ def test_finite_differences_without_x64_says_how_to_enable_it():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120).stdout
     assert "jax.config.update('jax_enable_x64', True)" in out
+
+
+def test_check_vjp_runs_a_reference_that_reads_values_eagerly():
+    """``jit=True`` (the default) compiles each side where it traces; a reference that needs
+    concrete values (numpy indexing with a mask it closes over) runs eagerly instead of failing,
+    and is still compared."""
+    x = jnp.asarray([[1.0, -2.0, 3.0], [0.5, 4.0, -1.0]])
+    mask = jnp.asarray([[True, False, True], [False, True, True]])
+    f = lambda x: jnp.where(mask, x * x, 0.0)
+
+    def by_index(x):  # np.asarray of a staged op fails under jax.jit
+        rows = []
+        for i in range(2):
+            idx = np.flatnonzero(np.asarray(mask[i]))
+            rows.append(jnp.zeros(3, x.dtype).at[idx].set(x[i, idx] ** 2))
+        return jnp.stack(rows)
+
+    with pytest.raises(jax.errors.TracerArrayConversionError):
+        jax.jit(by_index)(x)
+    testing.check_vjp(f, by_index, x)
+    with pytest.raises(AssertionError, match="differs"):
+        testing.check_vjp(lambda x: 2 * f(x), by_index, x)

@@ -52,10 +52,22 @@ def set_dropout_p(meaning: str) -> str:
 
 def dropout_p() -> str:
     """What dropout's ``p`` means now: ``"drop"`` (default) or ``"keep"``
-    (see :func:`set_dropout_p`)."""
+    (see :func:`set_dropout_p`).
+
+    Example:
+      >>> import jaxbn.cs231n
+      >>> jaxbn.cs231n.dropout_p()  # the 2016-17 meaning until set_dropout_p("keep")
+      'drop'
+    """
     return _meaning
 
 
 def drop_rate(p: float, meaning: str | None = None) -> float:
-    """The drop probability that ``p`` stands for under ``meaning`` (the current one if None)."""
+    """The drop probability that ``p`` stands for under ``meaning`` (the current one if None).
+
+    Example:
+      >>> from jaxbn.cs231n._dropout_p import drop_rate
+      >>> drop_rate(0.25, "drop"), drop_rate(0.25, "keep")
+      (0.25, 0.75)
+    """
     return p if (meaning or _meaning) == "drop" else 1.0 - p

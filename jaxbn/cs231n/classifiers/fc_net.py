@@ -102,6 +102,17 @@ class FullyConnectedNet:
 
     ``dropout_param["p"]`` holds the drop probability, or the keep probability after
     ``set_dropout_p("keep")``, as each era's notebook reads it.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxbn.cs231n.classifiers.fc_net import FullyConnectedNet
+      >>> np.random.seed(231)
+      >>> model = FullyConnectedNet([20, 30], input_dim=15, num_classes=10,
+      ...                           normalization="batchnorm", dropout_keep_ratio=0.9)
+      >>> x, y = np.random.randn(2, 15).astype(np.float32), np.array([0, 5])
+      >>> loss, grads = model.loss(x, y)
+      >>> sorted(grads) == sorted(model.params), model.loss(x).shape
+      (True, (2, 10))
     """
 
     def __init__(self, hidden_dims, input_dim=3 * 32 * 32, num_classes=10, dropout=None,
