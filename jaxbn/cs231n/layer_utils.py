@@ -70,7 +70,8 @@ def affine_bn_relu_forward(x, w, b, gamma, beta, bn_param):
       >>> import numpy as np
       >>> from jaxbn.cs231n.layer_utils import affine_bn_relu_forward
       >>> x, w = np.random.default_rng(0).standard_normal((6, 3)), np.ones((3, 4))
-      >>> out, cache = affine_bn_relu_forward(x, w, np.zeros(4), np.ones(4), np.zeros(4), {"mode": "train"})
+      >>> out, cache = affine_bn_relu_forward(x, w, np.zeros(4), np.ones(4), np.zeros(4),
+      ...                                     {"mode": "train"})
       >>> out.shape, bool((out >= 0).all())
       ((6, 4), True)
     """
@@ -84,7 +85,8 @@ def affine_bn_relu_backward(dout, cache):
       >>> import numpy as np
       >>> from jaxbn.cs231n.layer_utils import affine_bn_relu_backward, affine_bn_relu_forward
       >>> x, w = np.random.default_rng(0).standard_normal((6, 3)), np.ones((3, 4))
-      >>> _, cache = affine_bn_relu_forward(x, w, np.zeros(4), np.ones(4), np.zeros(4), {"mode": "train"})
+      >>> _, cache = affine_bn_relu_forward(x, w, np.zeros(4), np.ones(4), np.zeros(4),
+      ...                                   {"mode": "train"})
       >>> grads = affine_bn_relu_backward(np.ones((6, 4)), cache)
       >>> len(grads), grads[0].shape, grads[1].shape
       (5, (6, 3), (3, 4))

@@ -84,7 +84,8 @@ def affine_backward(dout, cache):
     Example:
       >>> import numpy as np
       >>> from jaxbn.cs231n.layers import affine_backward, affine_forward
-      >>> x, w, b = np.ones((2, 3), np.float32), np.ones((3, 4), np.float32), np.zeros(4, np.float32)
+      >>> x, w = np.ones((2, 3), np.float32), np.ones((3, 4), np.float32)
+      >>> b = np.zeros(4, np.float32)
       >>> dx, dw, db = affine_backward(np.ones((2, 4), np.float32), affine_forward(x, w, b)[1])
       >>> dx.shape, dw.shape, db.tolist()
       ((2, 3), (3, 4), [2.0, 2.0, 2.0, 2.0])
@@ -232,7 +233,8 @@ def batchnorm_backward(dout, cache):
 
     Example:
       >>> import numpy as np
-      >>> from jaxbn.cs231n.layers import batchnorm_backward, batchnorm_backward_alt, batchnorm_forward
+      >>> from jaxbn.cs231n.layers import (batchnorm_backward, batchnorm_backward_alt,
+      ...                                  batchnorm_forward)
       >>> rng = np.random.default_rng(0)
       >>> x, dout = rng.standard_normal((8, 3)), rng.standard_normal((8, 3))
       >>> _, cache = batchnorm_forward(x, np.ones(3), np.zeros(3), {"mode": "train"})
@@ -336,7 +338,8 @@ def spatial_groupnorm_forward(x, gamma, beta, G, gn_param):
       >>> import numpy as np
       >>> from jaxbn.cs231n.layers import spatial_groupnorm_forward
       >>> x = np.random.default_rng(0).standard_normal((2, 6, 4, 4)).astype(np.float32)
-      >>> out, _ = spatial_groupnorm_forward(x, np.ones((1, 6, 1, 1)), np.zeros((1, 6, 1, 1)), 2, {})
+      >>> gamma, beta = np.ones((1, 6, 1, 1)), np.zeros((1, 6, 1, 1))  # the notebook's shapes
+      >>> out, _ = spatial_groupnorm_forward(x, gamma, beta, 2, {})
       >>> groups = out.reshape(2, 2, -1)  # (example, group, values)
       >>> bool(np.allclose(groups.mean(-1), 0, atol=1e-5))
       True
@@ -356,7 +359,8 @@ def spatial_groupnorm_backward(dout, cache):
       >>> import numpy as np
       >>> from jaxbn.cs231n.layers import spatial_groupnorm_backward, spatial_groupnorm_forward
       >>> x = np.random.default_rng(0).standard_normal((2, 6, 4, 4)).astype(np.float32)
-      >>> _, cache = spatial_groupnorm_forward(x, np.ones((1, 6, 1, 1)), np.zeros((1, 6, 1, 1)), 3, {})
+      >>> gamma, beta = np.ones((1, 6, 1, 1)), np.zeros((1, 6, 1, 1))
+      >>> _, cache = spatial_groupnorm_forward(x, gamma, beta, 3, {})
       >>> dx, dgamma, dbeta = spatial_groupnorm_backward(np.ones_like(x), cache)
       >>> dx.shape, dgamma.shape
       ((2, 6, 4, 4), (1, 6, 1, 1))
@@ -380,7 +384,7 @@ def dropout_forward(x, dropout_param):
       >>> import numpy as np
       >>> from jaxbn.cs231n.layers import dropout_forward
       >>> x = np.ones((100, 100), np.float32)
-      >>> out, _ = dropout_forward(x, {"p": 0.25, "mode": "train", "seed": 0})  # p: drop probability
+      >>> out, _ = dropout_forward(x, {"p": 0.25, "mode": "train", "seed": 0})  # p: drop rate
       >>> round(float((out == 0).mean()), 2), float(out.max())
       (0.25, 1.3333333730697632)
       >>> bool(np.array_equal(dropout_forward(x, {"p": 0.25, "mode": "test"})[0], x))  # test mode
