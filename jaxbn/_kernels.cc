@@ -131,13 +131,19 @@ struct Shape {
   int64_t row_size() const { return channels * inner; }
 };
 
-bool ToShape(ffi::AnyBuffer::Dimensions dims, Shape* shape) {
-  if (dims.size() < 3) return false;
-  int64_t batches = 1;
-  for (size_t i = 0; i + 3 < dims.size(); ++i) batches *= dims[i];
-  size_t n = dims.size();
-  *shape = Shape{batches, dims[n - 3], dims[n - 2], dims[n - 1]};
-  return shape->rows > 0 && shape->channels > 0 && shape->inner > 0;
+// x's own dimensions (no reshape: a reshape before a custom call can make XLA copy x into the
+// layout the call asks for) as (B, R, C, S), the features at `axis`, `batch_dims` leading batches.
+bool ToShape(ffi::AnyBuffer::Dimensions dims, int64_t batch_dims, int64_t axis, Shape* shape) {
+  const int64_t rank = static_cast<int64_t>(dims.size());
+  if (batch_dims < 0 || axis < batch_dims || axis >= rank) return false;
+  auto product = [&](int64_t begin, int64_t end) {
+    int64_t p = 1;
+    for (int64_t i = begin; i < end; ++i) p *= dims[i];
+    return p;
+  };
+  *shape = Shape{product(0, batch_dims), product(batch_dims, axis), dims[axis],
+                 product(axis + 1, rank)};
+  return shape->batches > 0 && shape->rows > 0 && shape->channels > 0 && shape->inner > 0;
 }
 
 int NumThreads() {
@@ -508,10 +514,10 @@ ffi::Error ShapeError(const char* what) {
 ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer gamma, ffi::AnyBuffer beta,
                        ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> mean,
                        ffi::Result<ffi::AnyBuffer> var, ffi::Result<ffi::AnyBuffer> inv_std,
-                       double eps) {
+                       int64_t axis, int64_t batch_dims, double eps) {
   Shape sh;
   int64_t stride, beta_stride;
-  if (!ToShape(x.dimensions(), &sh) || !ParamStride(sh, gamma, &stride) ||
+  if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !ParamStride(sh, gamma, &stride) ||
       !ParamStride(sh, beta, &beta_stride) || stride != beta_stride)
     return ShapeError("forward");
   AdviseHugePages(y->untyped_data(), y->size_bytes());
@@ -528,9 +534,9 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer gamma, ffi::AnyBuffer be
 }
 
 ffi::Error StatsImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> mean,
-                     ffi::Result<ffi::AnyBuffer> var) {
+                     ffi::Result<ffi::AnyBuffer> var, int64_t axis, int64_t batch_dims) {
   Shape sh;
-  if (!ToShape(x.dimensions(), &sh)) return ShapeError("stats");
+  if (!ToShape(x.dimensions(), batch_dims, axis, &sh)) return ShapeError("stats");
   return ByDtype(x.element_type(), [&](auto t, auto f) {
     using T = typename decltype(t)::type;
     using F = typename decltype(f)::type;
@@ -544,10 +550,10 @@ ffi::Error StatsImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> mean,
 ffi::Error NormalizeImpl(ffi::AnyBuffer x, ffi::AnyBuffer mean, ffi::AnyBuffer var,
                          ffi::AnyBuffer gamma, ffi::AnyBuffer beta,
                          ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> inv_std,
-                         double eps) {
+                         int64_t axis, int64_t batch_dims, double eps) {
   Shape sh;
   int64_t stride, beta_stride;
-  if (!ToShape(x.dimensions(), &sh) || !PerStatistic(sh, {&mean, &var}) ||
+  if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !PerStatistic(sh, {&mean, &var}) ||
       !ParamStride(sh, gamma, &stride) || !ParamStride(sh, beta, &beta_stride) ||
       stride != beta_stride)
     return ShapeError("normalize");
@@ -564,10 +570,10 @@ ffi::Error NormalizeImpl(ffi::AnyBuffer x, ffi::AnyBuffer mean, ffi::AnyBuffer v
 ffi::Error BackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer mean,
                         ffi::AnyBuffer inv_std, ffi::AnyBuffer gamma,
                         ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dgamma,
-                        ffi::Result<ffi::AnyBuffer> dbeta) {
+                        ffi::Result<ffi::AnyBuffer> dbeta, int64_t axis, int64_t batch_dims) {
   Shape sh;
   int64_t stride;
-  if (!ToShape(x.dimensions(), &sh) || !ParamStride(sh, gamma, &stride) ||
+  if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !ParamStride(sh, gamma, &stride) ||
       !PerStatistic(sh, {&mean, &inv_std}))
     return ShapeError("backward");
   AdviseHugePages(dx->untyped_data(), dx->size_bytes());
@@ -588,9 +594,10 @@ ffi::Error BackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer mean
 }
 
 ffi::Error GradSumsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer mean,
-                        ffi::Result<ffi::AnyBuffer> sum_dy, ffi::Result<ffi::AnyBuffer> sum_dy_xmu) {
+                        ffi::Result<ffi::AnyBuffer> sum_dy, ffi::Result<ffi::AnyBuffer> sum_dy_xmu,
+                        int64_t axis, int64_t batch_dims) {
   Shape sh;
-  if (!ToShape(x.dimensions(), &sh) || !PerStatistic(sh, {&mean})) return ShapeError("grad_sums");
+  if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !PerStatistic(sh, {&mean})) return ShapeError("grad_sums");
   return ByDtype(x.element_type(), [&](auto t, auto f) {
     using T = typename decltype(t)::type;
     using F = typename decltype(f)::type;
@@ -604,10 +611,10 @@ ffi::Error GradSumsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer mean
 ffi::Error GradInputImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer mean,
                          ffi::AnyBuffer inv_std, ffi::AnyBuffer gamma, ffi::AnyBuffer sum_dy,
                          ffi::AnyBuffer sum_dy_xmu, ffi::Result<ffi::AnyBuffer> dx,
-                         double count) {
+                         int64_t axis, int64_t batch_dims, double count) {
   Shape sh;
   int64_t stride;
-  if (!ToShape(x.dimensions(), &sh) || !ParamStride(sh, gamma, &stride) ||
+  if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !ParamStride(sh, gamma, &stride) ||
       !PerStatistic(sh, {&mean, &inv_std, &sum_dy, &sum_dy_xmu}))
     return ShapeError("grad_input");
   AdviseHugePages(dx->untyped_data(), dx->size_bytes());
@@ -634,13 +641,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormForward, ForwardImpl,
                                   .Ret<Buffer>()  // mean
                                   .Ret<Buffer>()  // var
                                   .Ret<Buffer>()  // inv_std
+                                  .Attr<int64_t>("axis")
+                                  .Attr<int64_t>("batch_dims")
                                   .Attr<double>("eps"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormStats, StatsImpl,
                               ffi::Ffi::Bind()
                                   .Arg<Buffer>()  // x
                                   .Ret<Buffer>()  // mean
-                                  .Ret<Buffer>());  // var
+                                  .Ret<Buffer>()  // var
+                                  .Attr<int64_t>("axis")
+                                  .Attr<int64_t>("batch_dims"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormNormalize, NormalizeImpl,
                               ffi::Ffi::Bind()
@@ -651,6 +662,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormNormalize, NormalizeImpl,
                                   .Arg<Buffer>()  // beta
                                   .Ret<Buffer>()  // y
                                   .Ret<Buffer>()  // inv_std
+                                  .Attr<int64_t>("axis")
+                                  .Attr<int64_t>("batch_dims")
                                   .Attr<double>("eps"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormBackward, BackwardImpl,
@@ -662,7 +675,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormBackward, BackwardImpl,
                                   .Arg<Buffer>()  // gamma
                                   .Ret<Buffer>()  // dx
                                   .Ret<Buffer>()  // dgamma
-                                  .Ret<Buffer>());  // dbeta
+                                  .Ret<Buffer>()  // dbeta
+                                  .Attr<int64_t>("axis")
+                                  .Attr<int64_t>("batch_dims"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormGradSums, GradSumsImpl,
                               ffi::Ffi::Bind()
@@ -670,7 +685,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormGradSums, GradSumsImpl,
                                   .Arg<Buffer>()  // dy
                                   .Arg<Buffer>()  // mean
                                   .Ret<Buffer>()  // sum_dy
-                                  .Ret<Buffer>());  // sum_dy_xmu
+                                  .Ret<Buffer>()  // sum_dy_xmu
+                                  .Attr<int64_t>("axis")
+                                  .Attr<int64_t>("batch_dims"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormGradInput, GradInputImpl,
                               ffi::Ffi::Bind()
@@ -682,6 +699,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormGradInput, GradInputImpl,
                                   .Arg<Buffer>()  // sum_dy (global)
                                   .Arg<Buffer>()  // sum_dy_xmu (global)
                                   .Ret<Buffer>()  // dx
+                                  .Attr<int64_t>("axis")
+                                  .Attr<int64_t>("batch_dims")
                                   .Attr<double>("count"));  // values per statistic, global
 
 // The Python module: targets() -> {name: PyCapsule of the handler}, for

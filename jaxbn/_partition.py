@@ -76,61 +76,48 @@ def _entry(axes: tuple[str, ...]) -> Any:
 # The per-shard programs: kernel calls on the canonical view (B, R, C, S), collectives between.
 
 
-def _view(shape: tuple[int, ...], nb: int, axis: int) -> tuple[int, int, int, int]:
-    data = shape[nb:]
-    return (math.prod(shape[:nb]), math.prod(data[:axis]), data[axis],
-            math.prod(data[axis + 1:]))
-
-
 def _stat_dtype(x):
     return jnp.float64 if x.dtype == jnp.float64 else jnp.float32
 
 
-def _call(target, x, outs, *args, **attrs):
-    """``target`` on ``x`` viewed as (B, R, C, S); ``outs``: "x" for x-shaped, "p" for (B, C)."""
-    b, _, c, _ = x.shape
+def _call(target, x, outs, *args, stats_shape, nb, axis, **attrs):
+    """``target`` on ``x`` in its own shape (the kernel reads it as (B, R, C, S) from ``nb`` and
+    ``axis``); ``outs``: "x" for an x-shaped result, "p" for a per-feature one."""
     stat = _stat_dtype(x)
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) if o == "x" else
-                   jax.ShapeDtypeStruct((b, c), stat) for o in outs)
-    return jax.ffi.ffi_call(target, shapes)(x, *args, **attrs)
+                   jax.ShapeDtypeStruct(stats_shape, stat) for o in outs)
+    return jax.ffi.ffi_call(target, shapes)(x, *args, batch_dims=np.int64(nb),
+                                            axis=np.int64(nb + axis), **attrs)
 
 
 def local_forward(x, gamma, beta, *, nb: int, axis: int, eps: float,
                   reduce_axes: tuple[str, ...] = (), shards: int = 1):
     """``(y, mean, var, inv_std)`` of one shard; with ``reduce_axes`` the statistics are merged
     across the shards along them (see the module docstring)."""
-    shape, stats_shape = x.shape, gamma.shape
-    b, r, c, s = _view(shape, nb, axis)
-    x4, g, bt = x.reshape(b, r, c, s), gamma.reshape(-1, c), beta.reshape(-1, c)
+    call = functools.partial(_call, stats_shape=gamma.shape, nb=nb, axis=axis)
     eps = np.float64(eps)
     if not reduce_axes:
-        y, mean, var, inv_std = _call("jaxbn_batch_norm_forward", x4, "xppp", g, bt, eps=eps)
-    else:
-        mean_i, var_i = _call("jaxbn_batch_norm_stats", x4, "pp")
-        mean = jax.lax.psum(mean_i, reduce_axes) / shards
-        var = jax.lax.psum(var_i + jnp.square(mean_i - mean), reduce_axes) / shards
-        y, inv_std = _call("jaxbn_batch_norm_normalize", x4, "xp", mean, var, g, bt, eps=eps)
-    return (y.reshape(shape), mean.reshape(stats_shape), var.reshape(stats_shape),
-            inv_std.reshape(stats_shape))
+        return call("jaxbn_batch_norm_forward", x, "xppp", gamma, beta, eps=eps)
+    mean_i, var_i = call("jaxbn_batch_norm_stats", x, "pp")
+    mean = jax.lax.psum(mean_i, reduce_axes) / shards
+    var = jax.lax.psum(var_i + jnp.square(mean_i - mean), reduce_axes) / shards
+    y, inv_std = call("jaxbn_batch_norm_normalize", x, "xp", mean, var, gamma, beta, eps=eps)
+    return y, mean, var, inv_std
 
 
 def local_backward(x, dy, mean, inv_std, gamma, *, nb: int, axis: int,
                    reduce_axes: tuple[str, ...] = (), shards: int = 1):
     """``(dx, dgamma, dbeta)`` of one shard, the two per-feature sums summed across
     ``reduce_axes``."""
-    shape, stats_shape = x.shape, gamma.shape
-    b, r, c, s = _view(shape, nb, axis)
-    x4, dy4 = x.reshape(b, r, c, s), dy.reshape(b, r, c, s)
-    mean, inv_std, g = mean.reshape(b, c), inv_std.reshape(b, c), gamma.reshape(-1, c)
+    call = functools.partial(_call, stats_shape=gamma.shape, nb=nb, axis=axis)
     if not reduce_axes:
-        dx, dgamma, dbeta = _call("jaxbn_batch_norm_backward", x4, "xpp", dy4, mean, inv_std, g)
-    else:
-        sums = jnp.stack(_call("jaxbn_batch_norm_grad_sums", x4, "pp", dy4, mean))
-        sum_dy, sum_dy_xmu = jax.lax.psum(sums, reduce_axes)
-        dx, = _call("jaxbn_batch_norm_grad_input", x4, "x", dy4, mean, inv_std, g, sum_dy,
-                    sum_dy_xmu, count=np.float64(r * s * shards))
-        dgamma, dbeta = sum_dy_xmu * inv_std, sum_dy
-    return dx.reshape(shape), dgamma.reshape(stats_shape), dbeta.reshape(stats_shape)
+        return call("jaxbn_batch_norm_backward", x, "xpp", dy, mean, inv_std, gamma)
+    sums = jnp.stack(call("jaxbn_batch_norm_grad_sums", x, "pp", dy, mean))
+    sum_dy, sum_dy_xmu = jax.lax.psum(sums, reduce_axes)
+    count = math.prod(n for d, n in enumerate(x.shape) if d >= nb and d != nb + axis) * shards
+    dx, = call("jaxbn_batch_norm_grad_input", x, "x", dy, mean, inv_std, gamma, sum_dy,
+               sum_dy_xmu, count=np.float64(count))
+    return dx, sum_dy_xmu * inv_std, sum_dy
 
 
 # ---------------------------------------------------------------------------------------------
