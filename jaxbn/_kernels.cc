@@ -41,6 +41,7 @@
 #include <initializer_list>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -102,6 +103,67 @@ struct Elementwise<_Float16> {
 };
 template <class T>
 using E = typename Elementwise<T>::type;
+
+// Eight values as float64 lanes (GCC/Clang vector extensions: AVX-512, AVX2 or SSE2, whatever the
+// build targets). The reductions along S use them: the compiler does not vectorize those loops.
+typedef double Lanes __attribute__((vector_size(64)));
+typedef float Floats __attribute__((vector_size(32)));
+typedef uint16_t Halves __attribute__((vector_size(16)));
+typedef uint32_t Words __attribute__((vector_size(32)));
+typedef _Float16 Float16s __attribute__((vector_size(16)));
+
+inline Lanes Load8(const double* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline Lanes Load8(const float* p) {
+  Floats v;
+  std::memcpy(&v, p, sizeof v);
+  return __builtin_convertvector(v, Lanes);
+}
+inline Lanes Load8(const BFloat16* p) {
+  Halves h;
+  std::memcpy(&h, p, sizeof h);
+  const Words w = __builtin_convertvector(h, Words) << 16;
+  Floats f;
+  std::memcpy(&f, &w, sizeof f);
+  return __builtin_convertvector(f, Lanes);
+}
+inline Lanes Load8(const _Float16* p) {
+  Float16s h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(__builtin_convertvector(h, Floats), Lanes);
+}
+// Sixteen bfloat16/float16 values as float32 lanes, and a float32 vector added into two float64 ones.
+typedef float Floats16 __attribute__((vector_size(64)));
+typedef uint16_t Halves16 __attribute__((vector_size(32)));
+typedef uint32_t Words16 __attribute__((vector_size(64)));
+typedef _Float16 Float16s16 __attribute__((vector_size(32)));
+
+inline Floats16 Load16(const BFloat16* p) {
+  Halves16 h;
+  std::memcpy(&h, p, sizeof h);
+  const Words16 w = __builtin_convertvector(h, Words16) << 16;
+  Floats16 f;
+  std::memcpy(&f, &w, sizeof f);
+  return f;
+}
+inline Floats16 Load16(const _Float16* p) {
+  Float16s16 h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, Floats16);
+}
+inline void Widen(Floats16 v, Lanes* low, Lanes* high) {
+  Floats a, b;
+  std::memcpy(&a, &v, sizeof a);
+  std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof a, sizeof b);
+  *low += __builtin_convertvector(a, Lanes);
+  *high += __builtin_convertvector(b, Lanes);
+}
+inline double Total(Lanes v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
 
 // XLA hands the kernel freshly mapped output buffers; writing them faults in one 4 KiB page at a
 // time, which measured costlier than the arithmetic. Asking for transparent huge pages on the
@@ -205,12 +267,19 @@ void Sums(const Shape& sh, std::vector<double>* first, std::vector<double>* seco
       }
 }
 
+// The sums below add values in groups (four rows, or four vectors along s) in the elementwise
+// type G = E<T>, then the group's sum into float64. For float32 and float64 data G is float64.
+// For bfloat16 and float16 data G is float32, in which x - K (8 or 11 significant bits) and its
+// square are exact and a group of four sums with at most one rounding: the float64 totals stay
+// exact to a few float32 roundings per group, and the conversions run at 16 values per vector.
+
 // sum(x - K) and sum((x - K)^2) over rows [r0, r1) of channels [c0, c1). S == 1 (features last)
-// vectorizes across channels, four rows at a time; S > 1 along s, in 16 independent lanes.
+// vectorizes across channels, four rows at a time; S > 1 along s.
 template <class T>
 void StatsRows(const Shape& sh, const T* x, int64_t b, int64_t r0, int64_t r1, int64_t c0,
-               int64_t c1, const double* __restrict shift, double* __restrict sum,
+               int64_t c1, const E<T>* __restrict shift, double* __restrict sum,
                double* __restrict square_sum) {
+  using G = E<T>;
   const int64_t n = c1 - c0, S = sh.inner, stride = sh.row_size();
   const T* base = x + (b * sh.rows * sh.channels + c0) * S;
   if (S == 1) {
@@ -221,16 +290,16 @@ void StatsRows(const Shape& sh, const T* x, int64_t b, int64_t r0, int64_t r1, i
       const T* __restrict p2 = p1 + stride;
       const T* __restrict p3 = p2 + stride;
       for (int64_t c = 0; c < n; ++c) {
-        const double d0 = Load(p0[c]) - shift[c], d1 = Load(p1[c]) - shift[c];
-        const double d2 = Load(p2[c]) - shift[c], d3 = Load(p3[c]) - shift[c];
-        sum[c] += (d0 + d1) + (d2 + d3);
-        square_sum[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+        const G d0 = Load(p0[c]) - shift[c], d1 = Load(p1[c]) - shift[c];
+        const G d2 = Load(p2[c]) - shift[c], d3 = Load(p3[c]) - shift[c];
+        sum[c] += static_cast<double>((d0 + d1) + (d2 + d3));
+        square_sum[c] += static_cast<double>((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3));
       }
     }
     for (; r < r1; ++r) {
       const T* __restrict p = base + r * stride;
       for (int64_t c = 0; c < n; ++c) {
-        const double d = Load(p[c]) - shift[c];
+        const double d = static_cast<double>(Load(p[c]) - shift[c]);
         sum[c] += d;
         square_sum[c] += d * d;
       }
@@ -240,32 +309,42 @@ void StatsRows(const Shape& sh, const T* x, int64_t b, int64_t r0, int64_t r1, i
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t c = 0; c < n; ++c) {
       const T* __restrict p = base + r * stride + c * S;
-      const double k = shift[c];
-      double l1[16] = {}, l2[16] = {};
+      const G k = shift[c];
+      Lanes a1 = {}, b1 = {}, a2 = {}, b2 = {};
       int64_t s = 0;
-      for (; s + 16 <= S; s += 16)
-        for (int l = 0; l < 16; ++l) {
-          const double d = Load(p[s + l]) - k;
-          l1[l] += d;
-          l2[l] += d * d;
+      if constexpr (std::is_same<G, float>::value) {
+        for (; s + 64 <= S; s += 64) {
+          const Floats16 d0 = Load16(p + s) - k, d1 = Load16(p + s + 16) - k;
+          const Floats16 d2 = Load16(p + s + 32) - k, d3 = Load16(p + s + 48) - k;
+          Widen((d0 + d1) + (d2 + d3), &a1, &b1);
+          Widen((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3), &a2, &b2);
         }
-      for (; s < S; ++s) {
-        const double d = Load(p[s]) - k;
-        l1[0] += d;
-        l2[0] += d * d;
       }
-      double t1 = 0, t2 = 0;
-      for (int l = 0; l < 16; ++l) t1 += l1[l], t2 += l2[l];
+      const double k64 = k;
+      for (; s + 16 <= S; s += 16) {
+        const Lanes d0 = Load8(p + s) - k64, d1 = Load8(p + s + 8) - k64;
+        a1 += d0;
+        b1 += d1;
+        a2 += d0 * d0;
+        b2 += d1 * d1;
+      }
+      double t1 = Total(a1 + b1), t2 = Total(a2 + b2);
+      for (; s < S; ++s) {
+        const double d = Load(p[s]) - k64;
+        t1 += d;
+        t2 += d * d;
+      }
       sum[c] += t1;
       square_sum[c] += t2;
     }
 }
 
-// sum(dy) and sum(dy * (x - mean)), laid out as in StatsRows.
+// sum(dy) and sum(dy * (x - mean)), laid out and grouped as in StatsRows.
 template <class T>
 void GradRows(const Shape& sh, const T* x, const T* dy, int64_t b, int64_t r0, int64_t r1,
-              int64_t c0, int64_t c1, const double* __restrict mean, double* __restrict sum_dy,
+              int64_t c0, int64_t c1, const E<T>* __restrict mean, double* __restrict sum_dy,
               double* __restrict sum_dy_xmu) {
+  using G = E<T>;
   const int64_t n = c1 - c0, S = sh.inner, stride = sh.row_size();
   const int64_t offset = (b * sh.rows * sh.channels + c0) * S;
   if (S == 1) {
@@ -276,18 +355,19 @@ void GradRows(const Shape& sh, const T* x, const T* dy, int64_t b, int64_t r0, i
       const T* __restrict g0 = dy + offset + r * stride;
       const T* __restrict g1 = g0 + stride;
       for (int64_t c = 0; c < n; ++c) {
-        const double a0 = Load(g0[c]), a1 = Load(g1[c]);
-        sum_dy[c] += a0 + a1;
-        sum_dy_xmu[c] += a0 * (Load(x0[c]) - mean[c]) + a1 * (Load(x1[c]) - mean[c]);
+        const G a0 = Load(g0[c]), a1 = Load(g1[c]);
+        sum_dy[c] += static_cast<double>(a0 + a1);
+        sum_dy_xmu[c] += static_cast<double>(a0 * (Load(x0[c]) - mean[c]) +
+                                             a1 * (Load(x1[c]) - mean[c]));
       }
     }
     for (; r < r1; ++r) {
       const T* __restrict xr = x + offset + r * stride;
       const T* __restrict gr = dy + offset + r * stride;
       for (int64_t c = 0; c < n; ++c) {
-        const double g = Load(gr[c]);
-        sum_dy[c] += g;
-        sum_dy_xmu[c] += g * (Load(xr[c]) - mean[c]);
+        const G g = Load(gr[c]);
+        sum_dy[c] += static_cast<double>(g);
+        sum_dy_xmu[c] += static_cast<double>(g * (Load(xr[c]) - mean[c]));
       }
     }
     return;
@@ -296,22 +376,33 @@ void GradRows(const Shape& sh, const T* x, const T* dy, int64_t b, int64_t r0, i
     for (int64_t c = 0; c < n; ++c) {
       const T* __restrict px = x + offset + r * stride + c * S;
       const T* __restrict pg = dy + offset + r * stride + c * S;
-      const double mu = mean[c];
-      double l1[16] = {}, l2[16] = {};
+      const G mu = mean[c];
+      Lanes a1 = {}, b1 = {}, a2 = {}, b2 = {};
       int64_t s = 0;
-      for (; s + 16 <= S; s += 16)
-        for (int l = 0; l < 16; ++l) {
-          const double g = Load(pg[s + l]);
-          l1[l] += g;
-          l2[l] += g * (Load(px[s + l]) - mu);
+      if constexpr (std::is_same<G, float>::value) {
+        for (; s + 64 <= S; s += 64) {
+          const Floats16 g0 = Load16(pg + s), g1 = Load16(pg + s + 16);
+          const Floats16 g2 = Load16(pg + s + 32), g3 = Load16(pg + s + 48);
+          Widen((g0 + g1) + (g2 + g3), &a1, &b1);
+          Widen((g0 * (Load16(px + s) - mu) + g1 * (Load16(px + s + 16) - mu)) +
+                    (g2 * (Load16(px + s + 32) - mu) + g3 * (Load16(px + s + 48) - mu)),
+                &a2, &b2);
         }
+      }
+      const double mu64 = mu;
+      for (; s + 16 <= S; s += 16) {
+        const Lanes g0 = Load8(pg + s), g1 = Load8(pg + s + 8);
+        a1 += g0;
+        b1 += g1;
+        a2 += g0 * (Load8(px + s) - mu64);
+        b2 += g1 * (Load8(px + s + 8) - mu64);
+      }
+      double t1 = Total(a1 + b1), t2 = Total(a2 + b2);
       for (; s < S; ++s) {
         const double g = Load(pg[s]);
-        l1[0] += g;
-        l2[0] += g * (Load(px[s]) - mu);
+        t1 += g;
+        t2 += g * (Load(px[s]) - mu64);
       }
-      double t1 = 0, t2 = 0;
-      for (int l = 0; l < 16; ++l) t1 += l1[l], t2 += l2[l];
       sum_dy[c] += t1;
       sum_dy_xmu[c] += t2;
     }
@@ -387,7 +478,8 @@ void GradInput(const Shape& sh, const T* x, const T* dy, const Coefficients<T>& 
 template <class T>
 void Statistics(const Shape& sh, const T* x, std::vector<double>* mean, std::vector<double>* var) {
   const int64_t C = sh.channels, S = sh.inner, R = sh.rows;
-  std::vector<double> shift(sh.stats()), sum, square_sum;
+  std::vector<E<T>> shift(sh.stats());  // x values: exact in E<T>
+  std::vector<double> sum, square_sum;
   for (int64_t b = 0; b < sh.batches; ++b)
     for (int64_t c = 0; c < C; ++c) shift[b * C + c] = Load(x[(b * R * C + c) * S]);
   Sums(sh, &sum, &square_sum,
@@ -443,11 +535,11 @@ void GradInputWith(const Shape& sh, const T* x, const T* dy, const F* mean, cons
 template <class T, class F>
 void GradSums(const Shape& sh, const T* x, const T* dy, const F* mean, std::vector<double>* sum_dy,
               std::vector<double>* sum_dy_xmu) {
-  const std::vector<double> mean64(mean, mean + sh.stats());
+  const std::vector<E<T>> center(mean, mean + sh.stats());
   const int64_t C = sh.channels;
   Sums(sh, sum_dy, sum_dy_xmu,
        [&](int64_t b, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* a1, double* a2) {
-         GradRows<T>(sh, x, dy, b, r0, r1, c0, c1, mean64.data() + b * C + c0, a1, a2);
+         GradRows<T>(sh, x, dy, b, r0, r1, c0, c1, center.data() + b * C + c0, a1, a2);
        });
 }
 
