@@ -8,7 +8,8 @@
 // allows: forward reads x once for the statistics and once to write y; backward reads x and dy
 // once for sum(dy) and sum(dy * (x - mean)) and once to write dx.
 //   jaxbn_batch_norm_forward   x, gamma, beta -> y, mean, var, inv_std
-//   jaxbn_batch_norm_backward  x, dy, mean, inv_std, gamma -> dx, dgamma, dbeta
+//   jaxbn_batch_norm_backward  x, dy, gamma -> dx, dgamma, dbeta (the statistics again,
+//                              in float64, from the same pass)
 // The pieces, for a batch split across devices (jaxbn/_native.py merges the per-shard results
 // between them with all-reduces):
 //   jaxbn_batch_norm_stats       x -> mean, var (of this shard)
@@ -34,6 +35,7 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -233,38 +235,38 @@ void ParallelFor(int64_t items, int64_t values_per_item, Body body) {
   for (auto& thread : pool) thread.join();
 }
 
-// Two per-(b, c) sums over all rows, in float64. A work item is one block of rows of one chunk of
+// N per-(b, c) sums over all rows, in float64. A work item is one block of rows of one chunk of
 // channels (the chunk keeps the accumulators in L1 and gives wide, short inputs parallelism);
-// rows(b, r0, r1, c0, c1, acc1, acc2) adds rows [r0, r1) of channels [c0, c1) into
-// acc[0, c1 - c0). Each item's partials go to their own slot and are added in block order.
-template <class Rows>
-void Sums(const Shape& sh, std::vector<double>* first, std::vector<double>* second, Rows rows) {
+// rows(b, r0, r1, c0, c1, acc) adds rows [r0, r1) of channels [c0, c1) into acc[i][0, c1 - c0).
+// Each item's partials go to their own slot and are added in block order.
+template <int N, class Rows>
+std::array<std::vector<double>, N> Sums(const Shape& sh, Rows rows) {
   const int64_t blocks = sh.blocks(), rows_per = sh.block_rows(), C = sh.channels;
-  const int64_t chunks = (C + kChannelChunk - 1) / kChannelChunk;
-  std::vector<double> part1(sh.batches * blocks * C), part2(part1.size());
-  const int64_t per_item = rows_per * sh.inner * std::min(C, kChannelChunk);
-  ParallelFor(sh.batches * blocks * chunks, per_item, [&](int64_t lo, int64_t hi) {
-    std::vector<double> acc1(std::min(C, kChannelChunk)), acc2(acc1.size());
+  const int64_t chunks = (C + kChannelChunk - 1) / kChannelChunk, width = std::min(C, kChannelChunk);
+  std::vector<double> part(N * sh.batches * blocks * C);
+  const int64_t slots = sh.batches * blocks * C;
+  ParallelFor(sh.batches * blocks * chunks, rows_per * sh.inner * width, [&](int64_t lo, int64_t hi) {
+    std::vector<double> acc(N * width);
+    double* lanes[N];
+    for (int i = 0; i < N; ++i) lanes[i] = acc.data() + i * width;
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t chunk = item % chunks, bk = item / chunks;
       const int64_t b = bk / blocks, k = bk % blocks;
       const int64_t c0 = chunk * kChannelChunk, c1 = std::min(C, c0 + kChannelChunk);
-      std::fill(acc1.begin(), acc1.end(), 0.0);
-      std::fill(acc2.begin(), acc2.end(), 0.0);
-      rows(b, k * rows_per, std::min(sh.rows, (k + 1) * rows_per), c0, c1, acc1.data(),
-           acc2.data());
-      std::copy(acc1.begin(), acc1.begin() + (c1 - c0), part1.begin() + bk * C + c0);
-      std::copy(acc2.begin(), acc2.begin() + (c1 - c0), part2.begin() + bk * C + c0);
+      std::fill(acc.begin(), acc.end(), 0.0);
+      rows(b, k * rows_per, std::min(sh.rows, (k + 1) * rows_per), c0, c1, lanes);
+      for (int i = 0; i < N; ++i)
+        std::copy(lanes[i], lanes[i] + (c1 - c0), part.begin() + i * slots + bk * C + c0);
     }
   });
-  first->assign(sh.stats(), 0.0);
-  second->assign(sh.stats(), 0.0);
-  for (int64_t b = 0; b < sh.batches; ++b)
-    for (int64_t k = 0; k < blocks; ++k)
-      for (int64_t c = 0; c < C; ++c) {
-        (*first)[b * C + c] += part1[(b * blocks + k) * C + c];
-        (*second)[b * C + c] += part2[(b * blocks + k) * C + c];
-      }
+  std::array<std::vector<double>, N> out;
+  for (int i = 0; i < N; ++i) {
+    out[i].assign(sh.stats(), 0.0);
+    for (int64_t b = 0; b < sh.batches; ++b)
+      for (int64_t k = 0; k < blocks; ++k)
+        for (int64_t c = 0; c < C; ++c) out[i][b * C + c] += part[i * slots + (b * blocks + k) * C + c];
+  }
+  return out;
 }
 
 // The sums below add values in groups (four rows, or four vectors along s) in the elementwise
@@ -408,6 +410,90 @@ void GradRows(const Shape& sh, const T* x, const T* dy, int64_t b, int64_t r0, i
     }
 }
 
+// The fused backward's one pass: sum(d), sum(d^2), sum(dy) and sum(dy * d) with d = x - K, the
+// statistics and the two sums of the gradient at once (laid out and grouped as in StatsRows).
+// From them the backward has the float64 mean and variance the forward computed, instead of
+// their float32 roundings (which alone would cost dx about one ulp).
+template <class T>
+void BackwardRows(const Shape& sh, const T* x, const T* dy, int64_t b, int64_t r0, int64_t r1,
+                  int64_t c0, int64_t c1, const E<T>* __restrict shift, double* const* acc) {
+  using G = E<T>;
+  const int64_t n = c1 - c0, S = sh.inner, stride = sh.row_size();
+  const int64_t offset = (b * sh.rows * sh.channels + c0) * S;
+  double* __restrict s_d = acc[0];
+  double* __restrict s_dd = acc[1];
+  double* __restrict s_g = acc[2];
+  double* __restrict s_gd = acc[3];
+  if (S == 1) {
+    int64_t r = r0;
+    for (; r + 2 <= r1; r += 2) {
+      const T* __restrict x0 = x + offset + r * stride;
+      const T* __restrict x1 = x0 + stride;
+      const T* __restrict g0 = dy + offset + r * stride;
+      const T* __restrict g1 = g0 + stride;
+      for (int64_t c = 0; c < n; ++c) {
+        const G d0 = Load(x0[c]) - shift[c], d1 = Load(x1[c]) - shift[c];
+        const G a0 = Load(g0[c]), a1 = Load(g1[c]);
+        s_d[c] += static_cast<double>(d0 + d1);
+        s_dd[c] += static_cast<double>(d0 * d0 + d1 * d1);
+        s_g[c] += static_cast<double>(a0 + a1);
+        s_gd[c] += static_cast<double>(a0 * d0 + a1 * d1);
+      }
+    }
+    for (; r < r1; ++r) {
+      const T* __restrict xr = x + offset + r * stride;
+      const T* __restrict gr = dy + offset + r * stride;
+      for (int64_t c = 0; c < n; ++c) {
+        const double d = static_cast<double>(Load(xr[c]) - shift[c]), g = Load(gr[c]);
+        s_d[c] += d;
+        s_dd[c] += d * d;
+        s_g[c] += g;
+        s_gd[c] += g * d;
+      }
+    }
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t c = 0; c < n; ++c) {
+      const T* __restrict px = x + offset + r * stride + c * S;
+      const T* __restrict pg = dy + offset + r * stride + c * S;
+      const G k = shift[c];
+      Lanes l[8] = {};
+      int64_t s = 0;
+      if constexpr (std::is_same<G, float>::value) {
+        for (; s + 32 <= S; s += 32) {
+          const Floats16 d0 = Load16(px + s) - k, d1 = Load16(px + s + 16) - k;
+          const Floats16 g0 = Load16(pg + s), g1 = Load16(pg + s + 16);
+          Widen(d0 + d1, &l[0], &l[1]);
+          Widen(d0 * d0 + d1 * d1, &l[2], &l[3]);
+          Widen(g0 + g1, &l[4], &l[5]);
+          Widen(g0 * d0 + g1 * d1, &l[6], &l[7]);
+        }
+      }
+      const double k64 = k;
+      for (; s + 8 <= S; s += 8) {
+        const Lanes d = Load8(px + s) - k64, g = Load8(pg + s);
+        l[0] += d;
+        l[2] += d * d;
+        l[4] += g;
+        l[6] += g * d;
+      }
+      double t[4] = {Total(l[0] + l[1]), Total(l[2] + l[3]), Total(l[4] + l[5]),
+                     Total(l[6] + l[7])};
+      for (; s < S; ++s) {
+        const double d = Load(px[s]) - k64, g = Load(pg[s]);
+        t[0] += d;
+        t[1] += d * d;
+        t[2] += g;
+        t[3] += g * d;
+      }
+      s_d[c] += t[0];
+      s_dd[c] += t[1];
+      s_g[c] += t[2];
+      s_gd[c] += t[3];
+    }
+}
+
 // Per-(b, c) coefficients of an elementwise pass, in its arithmetic type.
 template <class T>
 struct Coefficients {
@@ -479,13 +565,12 @@ template <class T>
 void Statistics(const Shape& sh, const T* x, std::vector<double>* mean, std::vector<double>* var) {
   const int64_t C = sh.channels, S = sh.inner, R = sh.rows;
   std::vector<E<T>> shift(sh.stats());  // x values: exact in E<T>
-  std::vector<double> sum, square_sum;
   for (int64_t b = 0; b < sh.batches; ++b)
     for (int64_t c = 0; c < C; ++c) shift[b * C + c] = Load(x[(b * R * C + c) * S]);
-  Sums(sh, &sum, &square_sum,
-       [&](int64_t b, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* a1, double* a2) {
-         StatsRows<T>(sh, x, b, r0, r1, c0, c1, shift.data() + b * C + c0, a1, a2);
-       });
+  const auto [sum, square_sum] = Sums<2>(
+      sh, [&](int64_t b, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* const* acc) {
+        StatsRows<T>(sh, x, b, r0, r1, c0, c1, shift.data() + b * C + c0, acc[0], acc[1]);
+      });
   const double m = static_cast<double>(sh.values());
   mean->resize(sh.stats());
   var->resize(sh.stats());
@@ -517,9 +602,9 @@ void NormalizeWith(const Shape& sh, const T* x, const double* mean, const double
 // dx = a * dy + k1 + (x - mean) * k2, a = gamma * inv_std, k1 = -a * sum_dy / m,
 // k2 = -a * inv_std^2 * sum_dy_xmu / m (see jaxbn/_normalize.py alt_rule).
 template <class T, class F>
-void GradInputWith(const Shape& sh, const T* x, const T* dy, const F* mean, const F* inv_std,
-                   const F* gamma, int64_t param_stride, const double* sum_dy,
-                   const double* sum_dy_xmu, double m, T* dx) {
+void GradInputWith(const Shape& sh, const T* x, const T* dy, const double* mean,
+                   const double* inv_std, const F* gamma, int64_t param_stride,
+                   const double* sum_dy, const double* sum_dy_xmu, double m, T* dx) {
   Coefficients<T> co(sh.stats());
   for (int64_t i = 0; i < sh.stats(); ++i) {
     const int64_t p = (i / sh.channels) * param_stride + i % sh.channels;
@@ -537,10 +622,12 @@ void GradSums(const Shape& sh, const T* x, const T* dy, const F* mean, std::vect
               std::vector<double>* sum_dy_xmu) {
   const std::vector<E<T>> center(mean, mean + sh.stats());
   const int64_t C = sh.channels;
-  Sums(sh, sum_dy, sum_dy_xmu,
-       [&](int64_t b, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* a1, double* a2) {
-         GradRows<T>(sh, x, dy, b, r0, r1, c0, c1, center.data() + b * C + c0, a1, a2);
-       });
+  auto sums = Sums<2>(
+      sh, [&](int64_t b, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* const* acc) {
+        GradRows<T>(sh, x, dy, b, r0, r1, c0, c1, center.data() + b * C + c0, acc[0], acc[1]);
+      });
+  *sum_dy = std::move(sums[0]);
+  *sum_dy_xmu = std::move(sums[1]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -659,29 +746,43 @@ ffi::Error NormalizeImpl(ffi::AnyBuffer x, ffi::AnyBuffer mean, ffi::AnyBuffer v
   });
 }
 
-ffi::Error BackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer mean,
-                        ffi::AnyBuffer inv_std, ffi::AnyBuffer gamma,
+ffi::Error BackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer gamma,
                         ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dgamma,
-                        ffi::Result<ffi::AnyBuffer> dbeta, int64_t axis, int64_t batch_dims) {
+                        ffi::Result<ffi::AnyBuffer> dbeta, int64_t axis, int64_t batch_dims,
+                        double eps) {
   Shape sh;
   int64_t stride;
-  if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !ParamStride(sh, gamma, &stride) ||
-      !PerStatistic(sh, {&mean, &inv_std}))
+  if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !ParamStride(sh, gamma, &stride))
     return ShapeError("backward");
   AdviseHugePages(dx->untyped_data(), dx->size_bytes());
   return ByDtype(x.element_type(), [&](auto t, auto f) {
     using T = typename decltype(t)::type;
     using F = typename decltype(f)::type;
-    std::vector<double> sum_dy, sum_dy_xmu;
-    GradSums<T, F>(sh, In<T>(x), In<T>(dy), In<F>(mean), &sum_dy, &sum_dy_xmu);
-    const F* is = In<F>(inv_std);
-    std::vector<double> dgamma64(sh.stats());
-    for (int64_t i = 0; i < sh.stats(); ++i) dgamma64[i] = sum_dy_xmu[i] * is[i];
+    const T* xs = In<T>(x);
+    const T* dys = In<T>(dy);
+    const int64_t C = sh.channels;
+    std::vector<E<T>> shift(sh.stats());  // the forward's shift: x values, exact in E<T>
+    for (int64_t b = 0; b < sh.batches; ++b)
+      for (int64_t c = 0; c < C; ++c) shift[b * C + c] = Load(xs[(b * sh.rows * C + c) * sh.inner]);
+    const auto sums = Sums<4>(
+        sh, [&](int64_t b, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* const* acc) {
+          BackwardRows<T>(sh, xs, dys, b, r0, r1, c0, c1, shift.data() + b * C + c0, acc);
+        });
+    const double m = static_cast<double>(sh.values());
+    std::vector<double> mean(sh.stats()), inv_std(sh.stats()), sum_dy_xmu(sh.stats()),
+        dgamma64(sh.stats());
+    for (int64_t i = 0; i < sh.stats(); ++i) {
+      const double d_mean = sums[0][i] / m;
+      const double var = std::max(0.0, sums[1][i] / m - d_mean * d_mean);
+      mean[i] = shift[i] + d_mean;
+      inv_std[i] = 1.0 / std::sqrt(var + eps);
+      sum_dy_xmu[i] = sums[3][i] - d_mean * sums[2][i];  // sum(dy * (x - mean))
+      dgamma64[i] = sum_dy_xmu[i] * inv_std[i];
+    }
     Put<F>(dgamma64, dgamma);
-    Put<F>(sum_dy, dbeta);
-    GradInputWith<T, F>(sh, In<T>(x), In<T>(dy), In<F>(mean), is, In<F>(gamma), stride,
-                        sum_dy.data(), sum_dy_xmu.data(), static_cast<double>(sh.values()),
-                        Out<T>(dx));
+    Put<F>(sums[2], dbeta);
+    GradInputWith<T, F>(sh, xs, dys, mean.data(), inv_std.data(), In<F>(gamma), stride,
+                        sums[2].data(), sum_dy_xmu.data(), m, Out<T>(dx));
   });
 }
 
@@ -714,7 +815,8 @@ ffi::Error GradInputImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer mea
     using T = typename decltype(t)::type;
     using F = typename decltype(f)::type;
     const std::vector<double> s1 = Get<F>(sum_dy), s2 = Get<F>(sum_dy_xmu);
-    GradInputWith<T, F>(sh, In<T>(x), In<T>(dy), In<F>(mean), In<F>(inv_std), In<F>(gamma),
+    const std::vector<double> mean64 = Get<F>(mean), inv_std64 = Get<F>(inv_std);
+    GradInputWith<T, F>(sh, In<T>(x), In<T>(dy), mean64.data(), inv_std64.data(), In<F>(gamma),
                         stride, s1.data(), s2.data(), count, Out<T>(dx));
   });
 }
@@ -762,14 +864,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormBackward, BackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<Buffer>()  // x
                                   .Arg<Buffer>()  // dy
-                                  .Arg<Buffer>()  // mean
-                                  .Arg<Buffer>()  // inv_std
                                   .Arg<Buffer>()  // gamma
                                   .Ret<Buffer>()  // dx
                                   .Ret<Buffer>()  // dgamma
                                   .Ret<Buffer>()  // dbeta
                                   .Attr<int64_t>("axis")
-                                  .Attr<int64_t>("batch_dims"));
+                                  .Attr<int64_t>("batch_dims")
+                                  .Attr<double>("eps"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormGradSums, GradSumsImpl,
                               ffi::Ffi::Bind()

@@ -105,13 +105,14 @@ def local_forward(x, gamma, beta, *, nb: int, axis: int, eps: float,
     return y, mean, var, inv_std
 
 
-def local_backward(x, dy, mean, inv_std, gamma, *, nb: int, axis: int,
+def local_backward(x, dy, mean, inv_std, gamma, *, nb: int, axis: int, eps: float,
                    reduce_axes: tuple[str, ...] = (), shards: int = 1):
     """``(dx, dgamma, dbeta)`` of one shard, the two per-feature sums summed across
-    ``reduce_axes``."""
+    ``reduce_axes``. Unsplit, the kernel recomputes the statistics in float64 in its one pass
+    (``mean``/``inv_std`` are their float32 roundings); split, it uses the merged ones."""
     call = functools.partial(_call, stats_shape=gamma.shape, nb=nb, axis=axis)
     if not reduce_axes:
-        return call("jaxbn_batch_norm_backward", x, "xpp", dy, mean, inv_std, gamma)
+        return call("jaxbn_batch_norm_backward", x, "xpp", dy, gamma, eps=np.float64(eps))
     sums = jnp.stack(call("jaxbn_batch_norm_grad_sums", x, "pp", dy, mean))
     sum_dy, sum_dy_xmu = jax.lax.psum(sums, reduce_axes)
     count = math.prod(n for d, n in enumerate(x.shape) if d >= nb and d != nb + axis) * shards
@@ -144,15 +145,16 @@ def forward(x, gamma, beta, *, axis: int, eps: float):
     return _op(FORWARD, 0, axis, x.ndim, (("eps", float(eps)),))(x, gamma, beta)
 
 
-def backward(x, dy, mean, inv_std, gamma, *, axis: int):
+def backward(x, dy, mean, inv_std, gamma, *, axis: int, eps: float):
     """``(dx, dgamma, dbeta)`` of :func:`forward`'s ``y`` for the cotangent ``dy``."""
-    return _op(BACKWARD, 0, axis, x.ndim, ())(x, dy, mean, inv_std, gamma)
+    return _op(BACKWARD, 0, axis, x.ndim, (("eps", float(eps)),))(x, dy, mean, inv_std, gamma)
 
 
-def supported(x) -> bool:
-    """Whether the kernels can take ``x``'s sharding: not on a mesh that mixes explicit axes
-    with auto ones (the type shows only the explicit part of the sharding)."""
-    mesh = _typed_mesh(x)
+def supported(x_type) -> bool:
+    """Whether the kernels can take the sharding of an ``x`` of type ``x_type``: not on a mesh
+    that mixes explicit axes with auto ones (the type shows only the explicit part of the
+    sharding, so the split could not be planned)."""
+    mesh = _typed_mesh(x_type)
     if mesh is None:
         return True
     kinds = {t for t, n in zip(mesh.axis_types, mesh.axis_sizes) if n > 1}
@@ -163,9 +165,9 @@ _EXPLICIT = getattr(jax.sharding.AxisType, "Explicit", None)
 _AUTO = getattr(jax.sharding.AxisType, "Auto", None)
 
 
-def _typed_mesh(x):
-    """The mesh of ``x``'s type when it has explicit axes (the sharding is then in the type)."""
-    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+def _typed_mesh(x_type):
+    """The mesh of ``x_type`` when it has explicit axes: the sharding is then in the type."""
+    mesh = getattr(getattr(x_type, "sharding", None), "mesh", None)
     if mesh is None or _EXPLICIT not in tuple(getattr(mesh, "axis_types", ())):
         return None
     return mesh
@@ -178,7 +180,7 @@ def _op(op: _Op, nb: int, axis: int, ndim: int, attrs: tuple):
 
     @jax.custom_batching.custom_vmap
     def call(*args):
-        mesh = _typed_mesh(args[0])
+        mesh = _typed_mesh(jax.typeof(args[0]))
         if mesh is None:
             return tuple(partitioned(*args))
         return _shard_mapped(op, nb, axis, attrs, mesh, args)
