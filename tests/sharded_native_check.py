@@ -132,4 +132,32 @@ assert "all-gather" not in run.lower(xs).compile().as_text(), "scan + checkpoint
 close(dx8, dx1, "scan + checkpoint dx")
 assert spec_of(dx8, 2) == ("data", None), dx8.sharding
 
+# jax.vmap over models (the kernels take the mapped axis as one more batch axis), each model's
+# batch split: per-model statistics, no gather.
+xv = jax.random.normal(jax.random.key(8), (3, 16, 4)) * 2 + 1
+vstep = jax.jit(jax.vmap(lambda x: jaxbn.batch_norm(x, gamma, beta, jaxbn.init_batch_norm_state(4),
+                                                    train=True)[0]))
+xvs = jax.device_put(xv, NamedSharding(mesh, P(None, "data")))
+compiled = vstep.lower(xvs).compile()
+assert "all-gather" not in compiled.as_text() and "jaxbn_batch_norm" in compiled.as_text()
+close(compiled(xvs), jnp.stack([vstep(xv[i:i + 1])[0] for i in range(3)]), "vmap y")
+
+# shard_map without axis_name: each device normalizes its own slice (the kernels, locally).
+local = jax.jit(jax.shard_map(
+    lambda x: jaxbn.batch_norm(x, gamma, beta, jaxbn.init_batch_norm_state(4), train=True)[0],
+    mesh=mesh, in_specs=P("data"), out_specs=P("data")))
+assert "jaxbn_batch_norm" in local.lower(xs).compile().as_text()
+close(local(xs), jnp.concatenate([train_step(None)(x[i:i + 4], gamma, beta, x[i:i + 4],
+                                                   jaxbn.init_batch_norm_state(4))[1][0]
+                                  for i in range(0, 32, 4)]), "shard_map per-device y")
+
+# A mesh mixing explicit and auto axes: the type shows only part of the split, so the jnp rules
+# run (never a gather).
+mixed = jax.make_mesh((2, 4), ("a", "b"), axis_types=(AxisType.Explicit, AxisType.Auto))
+xm = jax.device_put(x, NamedSharding(mixed, P("a")))
+with set_mesh(mixed):
+    hlo = train_step(None).lower(xm, gamma, beta, xm, jaxbn.init_batch_norm_state(4))
+    hlo = hlo.compile().as_text()
+assert "jaxbn_batch_norm" not in hlo and "all-gather" not in hlo, "mixed mesh"
+
 print("sharded native checks passed")
