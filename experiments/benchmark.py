@@ -418,8 +418,9 @@ def print_tables(result) -> None:
     print("\ndropout (rate 0.5), forward + backward: median ms, residual bytes per element")
     for r in result["dropout"]:
         n_elem = r["x_bytes"] / 4
-        cells = ", ".join(f"{k} {v * 1e3:.3f} ms ({r['residual_bytes'].get(k, 0) / n_elem:.3f} B/el)"
-                          if k in r["residual_bytes"] else f"{k} {v * 1e3:.3f} ms"
+        per_element = {k: b / n_elem for k, b in r["residual_bytes"].items()}
+        cells = ", ".join(f"{k} {v * 1e3:.3f} ms ({per_element[k]:.3f} B/el)"
+                          if k in per_element else f"{k} {v * 1e3:.3f} ms"
                           for k, v in r["seconds"].items())
         print(f"  {'x'.join(map(str, r['shape']))}: {cells}")
     print_forward_and_sharded(result)

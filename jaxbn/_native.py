@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
 from jaxbn import _partition, _rules
 
 try:

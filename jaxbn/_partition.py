@@ -173,7 +173,7 @@ def _typed_mesh(x_type):
     return mesh
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _op(op: _Op, nb: int, axis: int, ndim: int, attrs: tuple):
     """``op`` for an ``x`` of rank ``ndim`` with ``nb`` leading batch axes."""
     partitioned = _partitioned(op, nb, axis, ndim, attrs)

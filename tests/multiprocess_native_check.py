@@ -18,7 +18,8 @@ os.environ.pop("JAXBN_NATIVE", None)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 process_id, port = int(sys.argv[1]), int(sys.argv[2])
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
