@@ -1,8 +1,10 @@
 // Native CPU batch norm for jaxbn as XLA FFI handlers, exposed to Python as PyCapsules.
 //
-// Canonical view: x is (..., R, C, S). The leading axes (the ones jax.vmap adds) are independent
-// batches B; each (b, c) has its own statistics over its R * S values. Features-last (N, D) is
-// (N, D, 1), NHWC (N*H*W, C, 1), NCHW (N, C, H*W).
+// Canonical view: x comes in its own shape with two attributes, batch_dims and axis. The leading
+// batch_dims axes (the ones jax.vmap adds) are independent batches B; axis holds the C features;
+// the R rows are the axes between, the S inner values the axes after. Each (b, c) has its own
+// statistics over its R * S values. Features-last (N, D) is R = N, S = 1; NHWC R = N*H*W, S = 1;
+// NCHW R = N, S = H*W. Per-feature arrays are (B, C); gamma and beta (C) or (B, C).
 //
 // Handlers. The fused pair runs a whole batch in two passes each way, the fewest the math
 // allows: forward reads x once for the statistics and once to write y; backward reads x and dy
@@ -10,7 +12,7 @@
 //   jaxbn_batch_norm_forward   x, gamma, beta -> y, mean, var, inv_std
 //   jaxbn_batch_norm_backward  x, dy, gamma -> dx, dgamma, dbeta (the statistics again,
 //                              in float64, from the same pass)
-// The pieces, for a batch split across devices (jaxbn/_native.py merges the per-shard results
+// The pieces, for a batch split across devices (jaxbn/_partition.py merges the per-shard results
 // between them with all-reduces):
 //   jaxbn_batch_norm_stats       x -> mean, var (of this shard)
 //   jaxbn_batch_norm_normalize   x, mean, var, gamma, beta -> y, inv_std (global statistics)
