@@ -140,12 +140,17 @@ def _flax_forward(axis):
     return forward
 
 
+def _threads() -> int:
+    """PyTorch gets as many threads as jaxbn's kernels (``JAXBN_NUM_THREADS``, default all)."""
+    return int(os.environ.get("JAXBN_NUM_THREADS", os.cpu_count() or 1))
+
+
 def _torch_fn(x, gamma, beta, dy):
     try:
         import torch
     except ImportError:
         return None
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(_threads())
     dtype = torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32
     tx = torch.from_numpy(np.array(x, np.float32)).to(dtype).requires_grad_(True)
     tg = torch.from_numpy(np.array(gamma, np.float32)).requires_grad_(True)
@@ -203,7 +208,7 @@ def _torch_forward_fn(x, gamma, beta):
         import torch
     except ImportError:
         return None
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(_threads())
     dtype = torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32
     tx = torch.from_numpy(np.array(x, np.float32)).to(dtype)
     tg, tb = (torch.from_numpy(np.array(a, np.float32)) for a in (gamma, beta))
