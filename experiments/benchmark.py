@@ -243,18 +243,18 @@ def bench_forward(shape, layout, dtype, repeats) -> dict:
             "seconds": seconds}
 
 
-SHARDED_SHAPE = (8192, 512)
+SHARDED_SHAPE, QUICK_SHARDED_SHAPE = (8192, 512), (512, 64)
 SHARDED_DEVICES = 8
 
 
-def sharded_worker(repeats: int) -> dict:
+def sharded_worker(repeats: int, shape=SHARDED_SHAPE) -> dict:
     """Runs in a process with 8 devices: forward + backward of batch_norm on x split along the
     batch, against the same call on one device, native and jnp (see the module docstring)."""
     from jax.sharding import NamedSharding, PartitionSpec
     assert jax.device_count() == SHARDED_DEVICES, jax.device_count()
-    x = jax.random.normal(jax.random.key(0), SHARDED_SHAPE) * 2 + 1
-    dy = jax.random.normal(jax.random.key(1), SHARDED_SHAPE)
-    lay = _layout(SHARDED_SHAPE, "NC")
+    x = jax.random.normal(jax.random.key(0), shape) * 2 + 1
+    dy = jax.random.normal(jax.random.key(1), shape)
+    lay = _layout(shape, "NC")
     gamma, beta = jnp.ones(lay.param_shape), jnp.zeros(lay.param_shape)
     mesh = jax.make_mesh((SHARDED_DEVICES,), ("data",),
                          axis_types=(jax.sharding.AxisType.Auto,))
@@ -271,15 +271,16 @@ def sharded_worker(repeats: int) -> dict:
             fns[f"{rule}, {where}"] = functools.partial(run, *args)
             gathers[f"{rule}, {where}"] = run.as_text().count("all-gather")
     seconds, _ = _medians_and_best(fns, repeats)
-    return {"shape": list(SHARDED_SHAPE), "devices": SHARDED_DEVICES, "seconds": seconds,
+    return {"shape": list(shape), "devices": SHARDED_DEVICES, "seconds": seconds,
             "all_gathers": gathers}
 
 
-def bench_sharded(repeats: int) -> dict | None:
+def bench_sharded(repeats: int, quick: bool = False) -> dict | None:
     """:func:`sharded_worker` in a fresh process (the device count is fixed when JAX starts)."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={SHARDED_DEVICES}")
     proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--sharded-worker",
-                           "--repeats", str(repeats)], capture_output=True, text=True, env=env,
+                           "--repeats", str(repeats)] + (["--quick"] if quick else []),
+                          capture_output=True, text=True, env=env,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if proc.returncode != 0:
         print(f"sharded benchmark failed:\n{proc.stderr[-2000:]}")
@@ -448,10 +449,11 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 25)
     if args.sharded_worker:  # the subprocess of bench_sharded: one JSON line on stdout
-        print(json.dumps(sharded_worker(repeats)))
+        print(json.dumps(sharded_worker(repeats, QUICK_SHARDED_SHAPE if args.quick
+                                        else SHARDED_SHAPE)))
         return {}
     if args.sharded:
-        result = {"sharded": bench_sharded(repeats)}
+        result = {"sharded": bench_sharded(repeats, args.quick)}
         print_forward_and_sharded(result)
         return result
     shapes = QUICK_SHAPES if args.quick else SHAPES
@@ -460,7 +462,7 @@ def main(argv=None) -> dict:
         bn_rows += [bench_batch_norm(s, layout, jnp.bfloat16, repeats) for s, layout in BF16_SHAPES]
     forward_rows = [bench_forward(s, layout, jnp.bfloat16, repeats) for s, layout in
                     ([QUICK_SHAPES[0]] if args.quick else BF16_SHAPES)]
-    sharded = bench_sharded(repeats)
+    sharded = bench_sharded(repeats, args.quick)
     dropout_rows = [bench_dropout(s, repeats) for s in
                     ([(256, 256)] if args.quick else DROPOUT_SHAPES)]
     adapter_rows = adapters.bench_adapters(repeats, (8, 8, 8, 16) if args.quick
