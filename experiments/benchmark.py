@@ -18,6 +18,16 @@ Batch norm (train mode, forward + backward with a cotangent, float32 unless note
   ``bound/ours`` is the fraction of that bound jaxbn's default (native, else alt) reaches. Shapes
   whose x fits in the last-level cache (under 8 MiB) are not bandwidth-bound: no bound is shown.
 
+bfloat16, forward only (inference-style train-mode forward, no VJP): ``native``, ``alt`` and
+PyTorch's ``F.batch_norm`` under ``torch.no_grad()``.
+
+Sharded (``--sharded`` runs only this): forward + backward of ``batch_norm`` on x split along the
+batch over 8 simulated CPU devices (a subprocess with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``), against the same call on one device, for
+the native kernels and the jnp rule. On this machine the 8 devices share its cores, so the time
+per step shows whether the work is split (about the one-device time) or repeated on every device
+(about 8x, what a gathered x costs).
+
 Memory: the residual bytes the VJP keeps between forward and backward (the arrays in the closure
 ``jax.vjp`` returns) and XLA's compiled temporary size of forward + backward.
 
@@ -38,6 +48,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -128,12 +140,17 @@ def _flax_forward(axis):
     return forward
 
 
+def _threads() -> int:
+    """PyTorch gets as many threads as jaxbn's kernels (``JAXBN_NUM_THREADS``, default all)."""
+    return int(os.environ.get("JAXBN_NUM_THREADS", os.cpu_count() or 1))
+
+
 def _torch_fn(x, gamma, beta, dy):
     try:
         import torch
     except ImportError:
         return None
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(_threads())
     dtype = torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32
     tx = torch.from_numpy(np.array(x, np.float32)).to(dtype).requires_grad_(True)
     tg = torch.from_numpy(np.array(gamma, np.float32)).requires_grad_(True)
@@ -184,6 +201,91 @@ def bench_batch_norm(shape, layout, dtype, repeats) -> dict:
     return {"shape": list(shape), "layout": layout, "dtype": jnp.dtype(dtype).name,
             "x_bytes": int(x.nbytes), "seconds": seconds, "bound_seconds": bound,
             "residual_bytes": residual, "temp_bytes": temp}
+
+
+def _torch_forward_fn(x, gamma, beta):
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(_threads())
+    dtype = torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32
+    tx = torch.from_numpy(np.array(x, np.float32)).to(dtype)
+    tg, tb = (torch.from_numpy(np.array(a, np.float32)) for a in (gamma, beta))
+    rm, rv = torch.zeros(gamma.shape[0]), torch.ones(gamma.shape[0])
+
+    def run():
+        with torch.no_grad():
+            return torch.nn.functional.batch_norm(tx, rm, rv, tg, tb, training=True,
+                                                  momentum=0.1, eps=1e-5)
+    return run
+
+
+def bench_forward(shape, layout, dtype, repeats) -> dict:
+    """Forward only (train mode, no VJP): native, the jnp alt rule and PyTorch."""
+    x = (jax.random.normal(jax.random.key(0), shape) * 2 + 1).astype(dtype)
+    lay = _layout(shape, layout)
+    gamma = jax.random.normal(jax.random.key(1), lay.param_shape) * 0.1 + 1
+    beta = jnp.zeros(lay.param_shape)
+    forward = _jaxbn_forward("alt", lay)
+    fns = {}
+    for name, native in (("native", True), ("alt", False)):
+        if native and not jaxbn.native_status()["enabled"]:
+            continue
+        with native_kernels(native):
+            run = jax.jit(forward).lower(x, gamma, beta).compile()
+        fns[name] = functools.partial(run, x, gamma, beta)
+    torch_run = _torch_forward_fn(x, gamma, beta)
+    if torch_run is not None:
+        fns["torch"] = torch_run
+    seconds, _ = _medians_and_best(fns, repeats)
+    return {"shape": list(shape), "layout": layout, "dtype": jnp.dtype(dtype).name,
+            "seconds": seconds}
+
+
+SHARDED_SHAPE, QUICK_SHARDED_SHAPE = (8192, 512), (512, 64)
+SHARDED_DEVICES = 8
+
+
+def sharded_worker(repeats: int, shape=SHARDED_SHAPE) -> dict:
+    """Runs in a process with 8 devices: forward + backward of batch_norm on x split along the
+    batch, against the same call on one device, native and jnp (see the module docstring)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    assert jax.device_count() == SHARDED_DEVICES, jax.device_count()
+    x = jax.random.normal(jax.random.key(0), shape) * 2 + 1
+    dy = jax.random.normal(jax.random.key(1), shape)
+    lay = _layout(shape, "NC")
+    gamma, beta = jnp.ones(lay.param_shape), jnp.zeros(lay.param_shape)
+    mesh = jax.make_mesh((SHARDED_DEVICES,), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    split = NamedSharding(mesh, PartitionSpec("data"))
+    one = jax.devices()[0]
+    inputs = {"1 device": [jax.device_put(a, one) for a in (x, gamma, beta, dy)],
+              f"{SHARDED_DEVICES} devices": [jax.device_put(x, split), gamma, beta,
+                                             jax.device_put(dy, split)]}
+    fns, gathers = {}, {}
+    for rule, native in (("native", True), ("alt", False)):
+        for where, args in inputs.items():
+            with native_kernels(native):
+                run = _vjp_fn(_jaxbn_forward("alt", lay)).lower(*args).compile()
+            fns[f"{rule}, {where}"] = functools.partial(run, *args)
+            gathers[f"{rule}, {where}"] = run.as_text().count("all-gather")
+    seconds, _ = _medians_and_best(fns, repeats)
+    return {"shape": list(shape), "devices": SHARDED_DEVICES, "seconds": seconds,
+            "all_gathers": gathers}
+
+
+def bench_sharded(repeats: int, quick: bool = False) -> dict | None:
+    """:func:`sharded_worker` in a fresh process (the device count is fixed when JAX starts)."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={SHARDED_DEVICES}")
+    proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--sharded-worker",
+                           "--repeats", str(repeats)] + (["--quick"] if quick else []),
+                          capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if proc.returncode != 0:
+        print(f"sharded benchmark failed:\n{proc.stderr[-2000:]}")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _dropout_regenerate_forward(key, rate):
@@ -273,6 +375,31 @@ def summarize(bn_rows) -> dict:
     return out
 
 
+def summarize_forward(rows) -> dict:
+    """PyTorch's time over jaxbn's (native, else alt) for each forward-only row."""
+    out = {}
+    for r in rows:
+        lead = "native" if "native" in r["seconds"] else "alt"
+        if "torch" in r["seconds"]:
+            out[f"{lead}_forward_vs_torch_{r['dtype']}_{'x'.join(map(str, r['shape']))}"] = (
+                r["seconds"]["torch"] / r["seconds"][lead])
+    return out
+
+
+def print_forward_and_sharded(result) -> None:
+    print("\nforward only, train mode: median ms")
+    for r in result.get("forward", []):
+        cells = ", ".join(f"{k} {v * 1e3:.3f}" for k, v in r["seconds"].items())
+        print(f"  {'x'.join(map(str, r['shape']))} {r['dtype']}: {cells}")
+    sharded = result.get("sharded")
+    if sharded:
+        print(f"\nbatch_norm forward + backward, {'x'.join(map(str, sharded['shape']))} float32 "
+              f"split along the batch over {sharded['devices']} simulated devices (one machine's "
+              f"cores): median ms per step (all-gathers in the compiled step)")
+        for k, v in sharded["seconds"].items():
+            print(f"  {k:>20}: {v * 1e3:8.3f}  ({sharded['all_gathers'][k]} all-gathers)")
+
+
 def print_tables(result) -> None:
     names = ["native", "alt", "graph", "autodiff", "naive", "flax", "torch"]
     print(f"\nbatch norm, forward + backward, train mode: median ms "
@@ -297,11 +424,12 @@ def print_tables(result) -> None:
     print("\ndropout (rate 0.5), forward + backward: median ms, residual bytes per element")
     for r in result["dropout"]:
         n_elem = r["x_bytes"] / 4
-        cells = ", ".join(f"{k} {v * 1e3:.3f} ms "
-                          f"({r['residual_bytes'].get(k, 0) / n_elem:.3f} B/el)"
-                          if k in r["residual_bytes"] else f"{k} {v * 1e3:.3f} ms"
+        per_element = {k: b / n_elem for k, b in r["residual_bytes"].items()}
+        cells = ", ".join(f"{k} {v * 1e3:.3f} ms ({per_element[k]:.3f} B/el)"
+                          if k in per_element else f"{k} {v * 1e3:.3f} ms"
                           for k, v in r["seconds"].items())
         print(f"  {'x'.join(map(str, r['shape']))}: {cells}")
+    print_forward_and_sharded(result)
     adapters.print_table(result["adapters"])
     if result["missing"]:
         print(f"\nnot measured (not installed; pip install -e '.[bench]'): "
@@ -313,14 +441,28 @@ def main(argv=None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--sharded", action="store_true",
+                        help="only the sharded row (8 simulated devices, in a subprocess)")
+    parser.add_argument("--sharded-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                       "results"))
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 25)
+    if args.sharded_worker:  # the subprocess of bench_sharded: one JSON line on stdout
+        print(json.dumps(sharded_worker(repeats, QUICK_SHARDED_SHAPE if args.quick
+                                        else SHARDED_SHAPE)))
+        return {}
+    if args.sharded:
+        result = {"sharded": bench_sharded(repeats, args.quick)}
+        print_forward_and_sharded(result)
+        return result
     shapes = QUICK_SHAPES if args.quick else SHAPES
     bn_rows = [bench_batch_norm(s, layout, jnp.float32, repeats) for s, layout in shapes]
     if not args.quick:
         bn_rows += [bench_batch_norm(s, layout, jnp.bfloat16, repeats) for s, layout in BF16_SHAPES]
+    forward_rows = [bench_forward(s, layout, jnp.bfloat16, repeats) for s, layout in
+                    ([QUICK_SHAPES[0]] if args.quick else BF16_SHAPES)]
+    sharded = bench_sharded(repeats, args.quick)
     dropout_rows = [bench_dropout(s, repeats) for s in
                     ([(256, 256)] if args.quick else DROPOUT_SHAPES)]
     adapter_rows = adapters.bench_adapters(repeats, (8, 8, 8, 16) if args.quick
@@ -331,8 +473,9 @@ def main(argv=None) -> dict:
                          f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
               "command": "python -m experiments.benchmark" + (" --quick" if args.quick else ""),
               "jax": jax.__version__, "batch_norm": bn_rows, "dropout": dropout_rows,
-              "adapters": adapter_rows,
-              "summary": summarize(bn_rows), "missing": missing}
+              "adapters": adapter_rows, "forward": forward_rows, "sharded": sharded,
+              "summary": {**summarize(bn_rows), **summarize_forward(forward_rows)},
+              "missing": missing}
     print_tables(result)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "benchmark.json")

@@ -326,7 +326,8 @@ def prepare(x, gamma, beta, state, lay: Layout, *, momentum, eps, backward, axis
     mask = check_mask(mask, lay)
     renorm = _renorm.check_renorm(renorm, mask=mask, axis_name=axis_name, layout=lay)
     config = configure(lay, eps=eps, backward=backward, x_dtype=x.dtype, param_dtype=gamma.dtype,
-                       axis_name=axis_name, masked=mask is not None, kernels=renorm is None)
+                       axis_name=axis_name, masked=mask is not None, kernels=renorm is None,
+                       x_type=jax.typeof(x))
     return Prepared(x.reshape(lay.view), gamma, beta, state, mask, config, momentum, lay,
                     running_var, renorm)
 

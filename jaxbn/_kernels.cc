@@ -1,20 +1,33 @@
-// Native CPU batch norm for jaxbn: forward (statistics + normalization) and backward (the two
-// per-feature sums + dx) as XLA FFI handlers, exposed to Python as PyCapsules.
+// Native CPU batch norm for jaxbn as XLA FFI handlers, exposed to Python as PyCapsules.
 //
-// Canonical view: x is (..., R, C, S). The leading axes (the ones jax.vmap adds) are independent
-// batches B; each (b, c) has its own statistics over its R * S values. Features-last (N, D) is
-// (N, D, 1), NHWC (N*H*W, C, 1), NCHW (N, C, H*W).
+// Canonical view: x comes in its own shape with two attributes, batch_dims and axis. The leading
+// batch_dims axes (the ones jax.vmap adds) are independent batches B; axis holds the C features;
+// the R rows are the axes between, the S inner values the axes after. Each (b, c) has its own
+// statistics over its R * S values. Features-last (N, D) is R = N, S = 1; NHWC R = N*H*W, S = 1;
+// NCHW R = N, S = H*W. Per-feature arrays are (B, C); gamma and beta (C) or (B, C).
 //
-// Four passes over memory, the fewest the math allows: forward reads x once for sum and sum of
-// squares and once to write y; backward reads x and dy once for sum(dy) and sum(dy * (x - mean))
-// and once to write dx.
+// Handlers. The fused pair runs a whole batch in two passes each way, the fewest the math
+// allows: forward reads x once for the statistics and once to write y; backward reads x and dy
+// once for sum(dy) and sum(dy * (x - mean)) and once to write dx.
+//   jaxbn_batch_norm_forward   x, gamma, beta -> y, mean, var, inv_std
+//   jaxbn_batch_norm_backward  x, dy, gamma -> dx, dgamma, dbeta (the statistics again,
+//                              in float64, from the same pass)
+// The pieces, for a batch split across devices (jaxbn/_partition.py merges the per-shard results
+// between them with all-reduces):
+//   jaxbn_batch_norm_stats       x -> mean, var (of this shard)
+//   jaxbn_batch_norm_normalize   x, mean, var, gamma, beta -> y, inv_std (global statistics)
+//   jaxbn_batch_norm_grad_sums   x, dy, mean -> sum(dy), sum(dy * (x - mean)) (of this shard)
+//   jaxbn_batch_norm_grad_input  x, dy, mean, inv_std, gamma, sum_dy, sum_dy_xmu -> dx
 //
-// Accuracy. The forward's single statistics pass accumulates x - K, with K = x[b, 0, c, 0] a
-// value of the same feature (a shift): the squares then measure spread around a value inside
-// the data, so sum(d^2)/m - (sum(d)/m)^2 does not cancel even at offset 1e4 (what an unshifted
-// one-pass variance would). Sums are blocked: float32 over at most kBlockValues values per
-// feature, then float64 across blocks, so a 4M-value reduction carries float64 error, not
-// float32's sqrt(m)-growth.
+// Accuracy. Every sum is accumulated in float64, whatever x's dtype: float32 accumulation within
+// blocks made the float32 statistics less exact than the jnp rules' (a relative error of 1e-6
+// for a (64, 10) batch, against 1e-7), and no block length fixes that for every shape. float64
+// costs nothing here (the passes wait on memory, not on arithmetic) and makes each statistic
+// exact to its final rounding. The statistics pass also subtracts a shift K = x[b, 0, c, 0], a
+// value of the same feature, so that sum(d^2)/m - (sum(d)/m)^2 with d = x - K measures the spread
+// around a value inside the data: no cancellation even at offset 1e4. The elementwise passes of
+// float32 (and float64) data compute in float64 too and round once, into y or dx; bfloat16 and
+// float16 compute in float32, far below their own rounding.
 //
 // Determinism. The work is cut into blocks of rows fixed by the shape alone; each block writes
 // its own partial sums and the partials are added in block order. Threads take static ranges of
@@ -24,11 +37,15 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -41,9 +58,9 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kBlockValues = 512;  // values per feature summed in float32 per block
+constexpr int64_t kBlockValues = 512;  // values per feature per block of the sums
 constexpr int64_t kMinValuesPerThread = 1 << 16;
-constexpr int64_t kChannelChunk = 1024;  // channels per work item of the sums
+constexpr int64_t kChannelChunk = 512;  // channels per work item: two float64 accumulators in L1
 
 struct BFloat16 {
   uint16_t bits;
@@ -75,6 +92,103 @@ inline BFloat16 Store<BFloat16, float>(float v) {
   return BFloat16{static_cast<uint16_t>(nan ? quiet_nan : rounded)};
 }
 
+// The type of the elementwise arithmetic (see "Accuracy" above).
+template <class T>
+struct Elementwise {
+  using type = double;
+};
+template <>
+struct Elementwise<BFloat16> {
+  using type = float;
+};
+template <>
+struct Elementwise<_Float16> {
+  using type = float;
+};
+template <class T>
+using E = typename Elementwise<T>::type;
+
+// Eight values as float64 lanes (GCC/Clang vector extensions: AVX-512, AVX2 or SSE2, whatever the
+// build targets). The reductions along S use them: the compiler does not vectorize those loops.
+typedef double Lanes __attribute__((vector_size(64)));
+typedef float Floats __attribute__((vector_size(32)));
+typedef uint16_t Halves __attribute__((vector_size(16)));
+typedef uint32_t Words __attribute__((vector_size(32)));
+typedef _Float16 Float16s __attribute__((vector_size(16)));
+
+inline Lanes Load8(const double* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline Lanes Load8(const float* p) {
+  Floats v;
+  std::memcpy(&v, p, sizeof v);
+  return __builtin_convertvector(v, Lanes);
+}
+inline Lanes Load8(const BFloat16* p) {
+  Halves h;
+  std::memcpy(&h, p, sizeof h);
+  const Words w = __builtin_convertvector(h, Words) << 16;
+  Floats f;
+  std::memcpy(&f, &w, sizeof f);
+  return __builtin_convertvector(f, Lanes);
+}
+inline Lanes Load8(const _Float16* p) {
+  Float16s h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(__builtin_convertvector(h, Floats), Lanes);
+}
+// Sixteen bfloat16/float16 values as float32 lanes, and a float32 vector added into two float64 ones.
+typedef float Floats16 __attribute__((vector_size(64)));
+typedef uint16_t Halves16 __attribute__((vector_size(32)));
+typedef uint32_t Words16 __attribute__((vector_size(64)));
+typedef _Float16 Float16s16 __attribute__((vector_size(32)));
+
+inline Floats16 Load16(const BFloat16* p) {
+  Halves16 h;
+  std::memcpy(&h, p, sizeof h);
+  const Words16 w = __builtin_convertvector(h, Words16) << 16;
+  Floats16 f;
+  std::memcpy(&f, &w, sizeof f);
+  return f;
+}
+inline Floats16 Load16(const _Float16* p) {
+  Float16s16 h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, Floats16);
+}
+inline void Widen(Floats16 v, Lanes* low, Lanes* high) {
+  Floats a, b;
+  std::memcpy(&a, &v, sizeof a);
+  std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof a, sizeof b);
+  *low += __builtin_convertvector(a, Lanes);
+  *high += __builtin_convertvector(b, Lanes);
+}
+inline Floats16 Load16(const float* p) {
+  Floats16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+// Sixteen float32 values stored as bfloat16 (the rounding of Store<BFloat16>, lane-parallel) or
+// float16.
+inline void Store16(BFloat16* p, Floats16 v) {
+  Words16 u;
+  std::memcpy(&u, &v, sizeof u);
+  const Words16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const Words16 quiet_nan = (u >> 16) | 0x40u;
+  const Words16 nan = (Words16)((u & 0x7fffffffu) > 0x7f800000u);
+  const Halves16 h = __builtin_convertvector((quiet_nan & nan) | (rounded & ~nan), Halves16);
+  std::memcpy(p, &h, sizeof h);
+}
+inline void Store16(_Float16* p, Floats16 v) {
+  const Float16s16 h = __builtin_convertvector(v, Float16s16);
+  std::memcpy(p, &h, sizeof h);
+}
+inline double Total(Lanes v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
 // XLA hands the kernel freshly mapped output buffers; writing them faults in one 4 KiB page at a
 // time, which measured costlier than the arithmetic. Asking for transparent huge pages on the
 // whole 2 MiB pages inside the buffer (advice only; where THP is off it does nothing) cuts the
@@ -97,17 +211,25 @@ void AdviseHugePages(void* data, size_t bytes) {
 struct Shape {
   int64_t batches, rows, channels, inner;  // B, R, C, S
   int64_t values() const { return rows * inner; }  // per statistic
+  int64_t stats() const { return batches * channels; }
   int64_t block_rows() const { return std::max<int64_t>(1, kBlockValues / inner); }
   int64_t blocks() const { return (rows + block_rows() - 1) / block_rows(); }
+  int64_t row_size() const { return channels * inner; }
 };
 
-bool ToShape(ffi::AnyBuffer::Dimensions dims, Shape* shape) {
-  if (dims.size() < 3) return false;
-  int64_t batches = 1;
-  for (size_t i = 0; i + 3 < dims.size(); ++i) batches *= dims[i];
-  size_t n = dims.size();
-  *shape = Shape{batches, dims[n - 3], dims[n - 2], dims[n - 1]};
-  return shape->rows > 0 && shape->channels > 0 && shape->inner > 0;
+// x's own dimensions (no reshape: a reshape before a custom call can make XLA copy x into the
+// layout the call asks for) as (B, R, C, S), the features at `axis`, `batch_dims` leading batches.
+bool ToShape(ffi::AnyBuffer::Dimensions dims, int64_t batch_dims, int64_t axis, Shape* shape) {
+  const int64_t rank = static_cast<int64_t>(dims.size());
+  if (batch_dims < 0 || axis < batch_dims || axis >= rank) return false;
+  auto product = [&](int64_t begin, int64_t end) {
+    int64_t p = 1;
+    for (int64_t i = begin; i < end; ++i) p *= dims[i];
+    return p;
+  };
+  *shape = Shape{product(0, batch_dims), product(batch_dims, axis), dims[axis],
+                 product(axis + 1, rank)};
+  return shape->batches > 0 && shape->rows > 0 && shape->channels > 0 && shape->inner > 0;
 }
 
 int NumThreads() {
@@ -135,321 +257,688 @@ void ParallelFor(int64_t items, int64_t values_per_item, Body body) {
   for (auto& thread : pool) thread.join();
 }
 
-// Per-block partial sums of two terms over each block's rows and inner values, in F within the
-// block; partials[(b * blocks + k) * C + c]. A work item is one block of rows of one chunk of
+// N per-(b, c) sums over all rows, in float64. A work item is one block of rows of one chunk of
 // channels (the chunk keeps the accumulators in L1 and gives wide, short inputs parallelism);
-// terms(b, r, c0, c1, acc1, acc2) adds row r's channels [c0, c1) into acc[0, c1 - c0).
-template <class F, class Terms>
-void BlockSums(const Shape& sh, std::vector<double>* first, std::vector<double>* second,
-               Terms terms) {
+// rows(b, r0, r1, c0, c1, acc) adds rows [r0, r1) of channels [c0, c1) into acc[i][0, c1 - c0).
+// Each item's partials go to their own slot and are added in block order.
+template <int N, class Rows>
+std::array<std::vector<double>, N> Sums(const Shape& sh, Rows rows) {
   const int64_t blocks = sh.blocks(), rows_per = sh.block_rows(), C = sh.channels;
-  const int64_t chunks = (C + kChannelChunk - 1) / kChannelChunk;
-  first->assign(sh.batches * blocks * C, 0.0);
-  second->assign(sh.batches * blocks * C, 0.0);
-  const int64_t per_item = rows_per * sh.inner * std::min(C, kChannelChunk);
-  ParallelFor(sh.batches * blocks * chunks, per_item, [&](int64_t lo, int64_t hi) {
-    std::vector<F> acc1(std::min(C, kChannelChunk)), acc2(acc1.size());
+  const int64_t chunks = (C + kChannelChunk - 1) / kChannelChunk, width = std::min(C, kChannelChunk);
+  std::vector<double> part(N * sh.batches * blocks * C);
+  const int64_t slots = sh.batches * blocks * C;
+  ParallelFor(sh.batches * blocks * chunks, rows_per * sh.inner * width, [&](int64_t lo, int64_t hi) {
+    std::vector<double> acc(N * width);
+    double* lanes[N];
+    for (int i = 0; i < N; ++i) lanes[i] = acc.data() + i * width;
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t chunk = item % chunks, bk = item / chunks;
       const int64_t b = bk / blocks, k = bk % blocks;
       const int64_t c0 = chunk * kChannelChunk, c1 = std::min(C, c0 + kChannelChunk);
-      std::fill(acc1.begin(), acc1.end(), F(0));
-      std::fill(acc2.begin(), acc2.end(), F(0));
-      const int64_t r_end = std::min(sh.rows, (k + 1) * rows_per);
-      for (int64_t r = k * rows_per; r < r_end; ++r) terms(b, r, c0, c1, acc1.data(), acc2.data());
-      for (int64_t c = c0; c < c1; ++c) {
-        (*first)[bk * C + c] = acc1[c - c0];
-        (*second)[bk * C + c] = acc2[c - c0];
+      std::fill(acc.begin(), acc.end(), 0.0);
+      rows(b, k * rows_per, std::min(sh.rows, (k + 1) * rows_per), c0, c1, lanes);
+      for (int i = 0; i < N; ++i)
+        std::copy(lanes[i], lanes[i] + (c1 - c0), part.begin() + i * slots + bk * C + c0);
+    }
+  });
+  std::array<std::vector<double>, N> out;
+  for (int i = 0; i < N; ++i) {
+    out[i].assign(sh.stats(), 0.0);
+    for (int64_t b = 0; b < sh.batches; ++b)
+      for (int64_t k = 0; k < blocks; ++k)
+        for (int64_t c = 0; c < C; ++c) out[i][b * C + c] += part[i * slots + (b * blocks + k) * C + c];
+  }
+  return out;
+}
+
+// The sums below add values in groups (four rows, or four vectors along s) in the elementwise
+// type G = E<T>, then the group's sum into float64. For float32 and float64 data G is float64.
+// For bfloat16 and float16 data G is float32, in which x - K (8 or 11 significant bits) and its
+// square are exact and a group of four sums with at most one rounding: the float64 totals stay
+// exact to a few float32 roundings per group, and the conversions run at 16 values per vector.
+
+// sum(x - K) and sum((x - K)^2) over rows [r0, r1) of channels [c0, c1). S == 1 (features last)
+// vectorizes across channels, four rows at a time; S > 1 along s.
+template <class T>
+void StatsRows(const Shape& sh, const T* x, int64_t b, int64_t r0, int64_t r1, int64_t c0,
+               int64_t c1, const E<T>* __restrict shift, double* __restrict sum,
+               double* __restrict square_sum) {
+  using G = E<T>;
+  const int64_t n = c1 - c0, S = sh.inner, stride = sh.row_size();
+  const T* base = x + (b * sh.rows * sh.channels + c0) * S;
+  if (S == 1) {
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+      const T* __restrict p0 = base + r * stride;
+      const T* __restrict p1 = p0 + stride;
+      const T* __restrict p2 = p1 + stride;
+      const T* __restrict p3 = p2 + stride;
+      for (int64_t c = 0; c < n; ++c) {
+        const G d0 = Load(p0[c]) - shift[c], d1 = Load(p1[c]) - shift[c];
+        const G d2 = Load(p2[c]) - shift[c], d3 = Load(p3[c]) - shift[c];
+        sum[c] += static_cast<double>((d0 + d1) + (d2 + d3));
+        square_sum[c] += static_cast<double>((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3));
+      }
+    }
+    for (; r < r1; ++r) {
+      const T* __restrict p = base + r * stride;
+      for (int64_t c = 0; c < n; ++c) {
+        const double d = static_cast<double>(Load(p[c]) - shift[c]);
+        sum[c] += d;
+        square_sum[c] += d * d;
+      }
+    }
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t c = 0; c < n; ++c) {
+      const T* __restrict p = base + r * stride + c * S;
+      const G k = shift[c];
+      Lanes a1 = {}, b1 = {}, a2 = {}, b2 = {};
+      int64_t s = 0;
+      if constexpr (std::is_same<G, float>::value) {
+        for (; s + 64 <= S; s += 64) {
+          const Floats16 d0 = Load16(p + s) - k, d1 = Load16(p + s + 16) - k;
+          const Floats16 d2 = Load16(p + s + 32) - k, d3 = Load16(p + s + 48) - k;
+          Widen((d0 + d1) + (d2 + d3), &a1, &b1);
+          Widen((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3), &a2, &b2);
+        }
+      }
+      const double k64 = k;
+      for (; s + 16 <= S; s += 16) {
+        const Lanes d0 = Load8(p + s) - k64, d1 = Load8(p + s + 8) - k64;
+        a1 += d0;
+        b1 += d1;
+        a2 += d0 * d0;
+        b2 += d1 * d1;
+      }
+      double t1 = Total(a1 + b1), t2 = Total(a2 + b2);
+      for (; s < S; ++s) {
+        const double d = Load(p[s]) - k64;
+        t1 += d;
+        t2 += d * d;
+      }
+      sum[c] += t1;
+      square_sum[c] += t2;
+    }
+}
+
+// sum(dy) and sum(dy * (x - mean)), laid out and grouped as in StatsRows.
+template <class T>
+void GradRows(const Shape& sh, const T* x, const T* dy, int64_t b, int64_t r0, int64_t r1,
+              int64_t c0, int64_t c1, const E<T>* __restrict mean, double* __restrict sum_dy,
+              double* __restrict sum_dy_xmu) {
+  using G = E<T>;
+  const int64_t n = c1 - c0, S = sh.inner, stride = sh.row_size();
+  const int64_t offset = (b * sh.rows * sh.channels + c0) * S;
+  if (S == 1) {
+    int64_t r = r0;
+    for (; r + 2 <= r1; r += 2) {
+      const T* __restrict x0 = x + offset + r * stride;
+      const T* __restrict x1 = x0 + stride;
+      const T* __restrict g0 = dy + offset + r * stride;
+      const T* __restrict g1 = g0 + stride;
+      for (int64_t c = 0; c < n; ++c) {
+        const G a0 = Load(g0[c]), a1 = Load(g1[c]);
+        sum_dy[c] += static_cast<double>(a0 + a1);
+        sum_dy_xmu[c] += static_cast<double>(a0 * (Load(x0[c]) - mean[c]) +
+                                             a1 * (Load(x1[c]) - mean[c]));
+      }
+    }
+    for (; r < r1; ++r) {
+      const T* __restrict xr = x + offset + r * stride;
+      const T* __restrict gr = dy + offset + r * stride;
+      for (int64_t c = 0; c < n; ++c) {
+        const G g = Load(gr[c]);
+        sum_dy[c] += static_cast<double>(g);
+        sum_dy_xmu[c] += static_cast<double>(g * (Load(xr[c]) - mean[c]));
+      }
+    }
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t c = 0; c < n; ++c) {
+      const T* __restrict px = x + offset + r * stride + c * S;
+      const T* __restrict pg = dy + offset + r * stride + c * S;
+      const G mu = mean[c];
+      Lanes a1 = {}, b1 = {}, a2 = {}, b2 = {};
+      int64_t s = 0;
+      if constexpr (std::is_same<G, float>::value) {
+        for (; s + 64 <= S; s += 64) {
+          const Floats16 g0 = Load16(pg + s), g1 = Load16(pg + s + 16);
+          const Floats16 g2 = Load16(pg + s + 32), g3 = Load16(pg + s + 48);
+          Widen((g0 + g1) + (g2 + g3), &a1, &b1);
+          Widen((g0 * (Load16(px + s) - mu) + g1 * (Load16(px + s + 16) - mu)) +
+                    (g2 * (Load16(px + s + 32) - mu) + g3 * (Load16(px + s + 48) - mu)),
+                &a2, &b2);
+        }
+      }
+      const double mu64 = mu;
+      for (; s + 16 <= S; s += 16) {
+        const Lanes g0 = Load8(pg + s), g1 = Load8(pg + s + 8);
+        a1 += g0;
+        b1 += g1;
+        a2 += g0 * (Load8(px + s) - mu64);
+        b2 += g1 * (Load8(px + s + 8) - mu64);
+      }
+      double t1 = Total(a1 + b1), t2 = Total(a2 + b2);
+      for (; s < S; ++s) {
+        const double g = Load(pg[s]);
+        t1 += g;
+        t2 += g * (Load(px[s]) - mu64);
+      }
+      sum_dy[c] += t1;
+      sum_dy_xmu[c] += t2;
+    }
+}
+
+// The fused backward's one pass: sum(d), sum(d^2), sum(dy) and sum(dy * d) with d = x - K, the
+// statistics and the two sums of the gradient at once (laid out and grouped as in StatsRows).
+// From them the backward has the float64 mean and variance the forward computed, instead of
+// their float32 roundings (which alone would cost dx about one ulp).
+template <class T>
+void BackwardRows(const Shape& sh, const T* x, const T* dy, int64_t b, int64_t r0, int64_t r1,
+                  int64_t c0, int64_t c1, const E<T>* __restrict shift, double* const* acc) {
+  using G = E<T>;
+  const int64_t n = c1 - c0, S = sh.inner, stride = sh.row_size();
+  const int64_t offset = (b * sh.rows * sh.channels + c0) * S;
+  double* __restrict s_d = acc[0];
+  double* __restrict s_dd = acc[1];
+  double* __restrict s_g = acc[2];
+  double* __restrict s_gd = acc[3];
+  if (S == 1) {
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+      const T* __restrict x0 = x + offset + r * stride;
+      const T* __restrict g0 = dy + offset + r * stride;
+      for (int64_t c = 0; c < n; ++c) {
+        const G k = shift[c];
+        const G d0 = Load(x0[c]) - k, d1 = Load(x0[c + stride]) - k;
+        const G d2 = Load(x0[c + 2 * stride]) - k, d3 = Load(x0[c + 3 * stride]) - k;
+        const G a0 = Load(g0[c]), a1 = Load(g0[c + stride]);
+        const G a2 = Load(g0[c + 2 * stride]), a3 = Load(g0[c + 3 * stride]);
+        s_d[c] += static_cast<double>((d0 + d1) + (d2 + d3));
+        s_dd[c] += static_cast<double>((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3));
+        s_g[c] += static_cast<double>((a0 + a1) + (a2 + a3));
+        s_gd[c] += static_cast<double>((a0 * d0 + a1 * d1) + (a2 * d2 + a3 * d3));
+      }
+    }
+    for (; r < r1; ++r) {
+      const T* __restrict xr = x + offset + r * stride;
+      const T* __restrict gr = dy + offset + r * stride;
+      for (int64_t c = 0; c < n; ++c) {
+        const double d = static_cast<double>(Load(xr[c]) - shift[c]), g = Load(gr[c]);
+        s_d[c] += d;
+        s_dd[c] += d * d;
+        s_g[c] += g;
+        s_gd[c] += g * d;
+      }
+    }
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t c = 0; c < n; ++c) {
+      const T* __restrict px = x + offset + r * stride + c * S;
+      const T* __restrict pg = dy + offset + r * stride + c * S;
+      const G k = shift[c];
+      Lanes l[8] = {};
+      int64_t s = 0;
+      if constexpr (std::is_same<G, float>::value) {
+        for (; s + 64 <= S; s += 64) {
+          const Floats16 d0 = Load16(px + s) - k, d1 = Load16(px + s + 16) - k;
+          const Floats16 d2 = Load16(px + s + 32) - k, d3 = Load16(px + s + 48) - k;
+          const Floats16 g0 = Load16(pg + s), g1 = Load16(pg + s + 16);
+          const Floats16 g2 = Load16(pg + s + 32), g3 = Load16(pg + s + 48);
+          Widen((d0 + d1) + (d2 + d3), &l[0], &l[1]);
+          Widen((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3), &l[2], &l[3]);
+          Widen((g0 + g1) + (g2 + g3), &l[4], &l[5]);
+          Widen((g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3), &l[6], &l[7]);
+        }
+      }
+      const double k64 = k;
+      for (; s + 8 <= S; s += 8) {
+        const Lanes d = Load8(px + s) - k64, g = Load8(pg + s);
+        l[0] += d;
+        l[2] += d * d;
+        l[4] += g;
+        l[6] += g * d;
+      }
+      double t[4] = {Total(l[0] + l[1]), Total(l[2] + l[3]), Total(l[4] + l[5]),
+                     Total(l[6] + l[7])};
+      for (; s < S; ++s) {
+        const double d = Load(px[s]) - k64, g = Load(pg[s]);
+        t[0] += d;
+        t[1] += d * d;
+        t[2] += g;
+        t[3] += g * d;
+      }
+      s_d[c] += t[0];
+      s_dd[c] += t[1];
+      s_g[c] += t[2];
+      s_gd[c] += t[3];
+    }
+}
+
+// Per-(b, c) coefficients of an elementwise pass, in its arithmetic type.
+template <class T>
+struct Coefficients {
+  std::vector<E<T>> mean, a, k1, k2;
+  explicit Coefficients(int64_t n) : mean(n), a(n), k1(n), k2(n) {}
+};
+
+// y = (x - mean) * a + k1 over every row, rows in parallel. bfloat16/float16 run 16 values at a
+// time explicitly (the compiler's vectorization of the scalar conversions is several times
+// slower); float32/float64 are left to the compiler, which vectorizes them well.
+template <class T>
+void Normalize(const Shape& sh, const T* x, const Coefficients<T>& co, T* y) {
+  using F = E<T>;
+  constexpr bool wide = std::is_same<F, float>::value;
+  const int64_t C = sh.channels, S = sh.inner;
+  ParallelFor(sh.batches * sh.rows, C * S, [&](int64_t lo, int64_t hi) {
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t i = (item / sh.rows) * C;
+      const T* __restrict in = x + item * C * S;
+      T* __restrict out = y + item * C * S;
+      const F* __restrict mean = co.mean.data() + i;
+      const F* __restrict a = co.a.data() + i;
+      const F* __restrict o = co.k1.data() + i;
+      if (S == 1) {
+        int64_t c = 0;
+        if constexpr (wide)
+          for (; c + 16 <= C; c += 16)
+            Store16(out + c, (Load16(in + c) - Load16(mean + c)) * Load16(a + c) + Load16(o + c));
+        for (; c < C; ++c) out[c] = Store<T, F>((Load(in[c]) - mean[c]) * a[c] + o[c]);
+        continue;
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const F mu = mean[c], ac = a[c], oc = o[c];
+        const T* __restrict p = in + c * S;
+        T* __restrict q = out + c * S;
+        int64_t s = 0;
+        if constexpr (wide)
+          for (; s + 16 <= S; s += 16) Store16(q + s, (Load16(p + s) - mu) * ac + oc);
+        for (; s < S; ++s) q[s] = Store<T, F>((Load(p[s]) - mu) * ac + oc);
       }
     }
   });
 }
 
-// Adds the block partials of each (b, c) in block order.
-void ReduceBlocks(const Shape& sh, const std::vector<double>& partial, std::vector<double>* out) {
-  const int64_t blocks = sh.blocks(), C = sh.channels;
-  out->assign(sh.batches * C, 0.0);
-  for (int64_t b = 0; b < sh.batches; ++b)
-    for (int64_t k = 0; k < blocks; ++k)
-      for (int64_t c = 0; c < C; ++c) (*out)[b * C + c] += partial[(b * blocks + k) * C + c];
-}
-
-// One row of C channels x S inner values into the per-channel float accumulators. S == 1
-// (features last) vectorizes across channels; S > 1 along s, in eight independent lanes.
-template <class T, class F>
-inline void StatsRow(const T* __restrict row, const F* __restrict shift, int64_t C, int64_t S,
-                     F* __restrict sum, F* __restrict square_sum) {
-  if (S == 1) {
-    for (int64_t c = 0; c < C; ++c) {
-      const F d = Load(row[c]) - shift[c];
-      sum[c] += d;
-      square_sum[c] += d * d;
-    }
-    return;
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    const T* __restrict p = row + c * S;
-    const F k = shift[c];
-    F l1[8] = {}, l2[8] = {};
-    int64_t s = 0;
-    for (; s + 8 <= S; s += 8)
-      for (int l = 0; l < 8; ++l) {
-        const F d = Load(p[s + l]) - k;
-        l1[l] += d;
-        l2[l] += d * d;
+// dx = a * dy + k1 + (x - mean) * k2 over every row, rows in parallel (vectorized as Normalize).
+template <class T>
+void GradInput(const Shape& sh, const T* x, const T* dy, const Coefficients<T>& co, T* dx) {
+  using F = E<T>;
+  constexpr bool wide = std::is_same<F, float>::value;
+  const int64_t C = sh.channels, S = sh.inner;
+  ParallelFor(sh.batches * sh.rows, C * S, [&](int64_t lo, int64_t hi) {
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t i = (item / sh.rows) * C, offset = item * C * S;
+      const T* __restrict xr = x + offset;
+      const T* __restrict gr = dy + offset;
+      T* __restrict out = dx + offset;
+      const F* __restrict mean = co.mean.data() + i;
+      const F* __restrict a = co.a.data() + i;
+      const F* __restrict k1 = co.k1.data() + i;
+      const F* __restrict k2 = co.k2.data() + i;
+      if (S == 1) {
+        int64_t c = 0;
+        if constexpr (wide)
+          for (; c + 16 <= C; c += 16)
+            Store16(out + c, Load16(a + c) * Load16(gr + c) + Load16(k1 + c) +
+                                 (Load16(xr + c) - Load16(mean + c)) * Load16(k2 + c));
+        for (; c < C; ++c)
+          out[c] = Store<T, F>(a[c] * Load(gr[c]) + k1[c] + (Load(xr[c]) - mean[c]) * k2[c]);
+        continue;
       }
-    for (; s < S; ++s) {
-      const F d = Load(p[s]) - k;
-      l1[0] += d;
-      l2[0] += d * d;
-    }
-    F t1 = 0, t2 = 0;
-    for (int l = 0; l < 8; ++l) t1 += l1[l], t2 += l2[l];
-    sum[c] += t1;
-    square_sum[c] += t2;
-  }
-}
-
-// sum(dy) and sum(dy * (x - mean)) of one row, laid out as in StatsRow.
-template <class T, class F>
-inline void GradRow(const T* __restrict xr, const T* __restrict gr, const F* __restrict mean,
-                    int64_t C, int64_t S, F* __restrict sum_dy, F* __restrict sum_dy_xmu) {
-  if (S == 1) {
-    for (int64_t c = 0; c < C; ++c) {
-      const F g = Load(gr[c]);
-      sum_dy[c] += g;
-      sum_dy_xmu[c] += g * (Load(xr[c]) - mean[c]);
-    }
-    return;
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    const T* __restrict px = xr + c * S;
-    const T* __restrict pg = gr + c * S;
-    const F mu = mean[c];
-    F l1[8] = {}, l2[8] = {};
-    int64_t s = 0;
-    for (; s + 8 <= S; s += 8)
-      for (int l = 0; l < 8; ++l) {
-        const F g = Load(pg[s + l]);
-        l1[l] += g;
-        l2[l] += g * (Load(px[s + l]) - mu);
+      for (int64_t c = 0; c < C; ++c) {
+        const F mu = mean[c], ac = a[c], c1 = k1[c], c2 = k2[c];
+        const T* __restrict px = xr + c * S;
+        const T* __restrict pg = gr + c * S;
+        T* __restrict q = out + c * S;
+        int64_t s = 0;
+        if constexpr (wide)
+          for (; s + 16 <= S; s += 16)
+            Store16(q + s, ac * Load16(pg + s) + c1 + (Load16(px + s) - mu) * c2);
+        for (; s < S; ++s) q[s] = Store<T, F>(ac * Load(pg[s]) + c1 + (Load(px[s]) - mu) * c2);
       }
-    for (; s < S; ++s) {
-      const F g = Load(pg[s]);
-      l1[0] += g;
-      l2[0] += g * (Load(px[s]) - mu);
     }
-    F t1 = 0, t2 = 0;
-    for (int l = 0; l < 8; ++l) t1 += l1[l], t2 += l2[l];
-    sum_dy[c] += t1;
-    sum_dy_xmu[c] += t2;
-  }
+  });
 }
 
-// y = (x - mean) * a + o for one row.
-template <class T, class F>
-inline void NormalizeRow(const T* __restrict in, const F* __restrict mean, const F* __restrict a,
-                         const F* __restrict o, int64_t C, int64_t S, T* __restrict out) {
-  if (S == 1) {
-    for (int64_t c = 0; c < C; ++c) out[c] = Store<T, F>((Load(in[c]) - mean[c]) * a[c] + o[c]);
-    return;
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    const F mu = mean[c], ac = a[c], oc = o[c];
-    const T* __restrict p = in + c * S;
-    T* __restrict q = out + c * S;
-    for (int64_t s = 0; s < S; ++s) q[s] = Store<T, F>((Load(p[s]) - mu) * ac + oc);
-  }
-}
-
-// dx = a * dy + k1 + (x - mean) * k2 for one row.
-template <class T, class F>
-inline void GradInputRow(const T* __restrict xr, const T* __restrict gr, const F* __restrict mean,
-                         const F* __restrict a, const F* __restrict k1, const F* __restrict k2,
-                         int64_t C, int64_t S, T* __restrict dx) {
-  if (S == 1) {
-    for (int64_t c = 0; c < C; ++c)
-      dx[c] = Store<T, F>(a[c] * Load(gr[c]) + k1[c] + (Load(xr[c]) - mean[c]) * k2[c]);
-    return;
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    const F mu = mean[c], ac = a[c], c1 = k1[c], c2 = k2[c];
-    const T* __restrict px = xr + c * S;
-    const T* __restrict pg = gr + c * S;
-    T* __restrict q = dx + c * S;
-    for (int64_t s = 0; s < S; ++s)
-      q[s] = Store<T, F>(ac * Load(pg[s]) + c1 + (Load(px[s]) - mu) * c2);
-  }
-}
-
-template <class T, class F>
-void Forward(const Shape& sh, const T* x, const F* gamma, const F* beta, int64_t param_stride,
-             double eps, T* y, F* mean_out, F* var_out) {
+// Batch mean and biased variance of every (b, c), in float64.
+template <class T>
+void Statistics(const Shape& sh, const T* x, std::vector<double>* mean, std::vector<double>* var) {
   const int64_t C = sh.channels, S = sh.inner, R = sh.rows;
-  std::vector<F> shift(sh.batches * C);
+  std::vector<E<T>> shift(sh.stats());  // x values: exact in E<T>
   for (int64_t b = 0; b < sh.batches; ++b)
     for (int64_t c = 0; c < C; ++c) shift[b * C + c] = Load(x[(b * R * C + c) * S]);
-  std::vector<double> part1, part2, sum1, sum2;
-  BlockSums<F>(sh, &part1, &part2,
-               [&](int64_t b, int64_t r, int64_t c0, int64_t c1, F* acc1, F* acc2) {
-    StatsRow<T, F>(x + ((b * R + r) * C + c0) * S, shift.data() + b * C + c0, c1 - c0, S, acc1,
-                   acc2);
-  });
-  ReduceBlocks(sh, part1, &sum1);
-  ReduceBlocks(sh, part2, &sum2);
+  const auto [sum, square_sum] = Sums<2>(
+      sh, [&](int64_t b, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* const* acc) {
+        StatsRows<T>(sh, x, b, r0, r1, c0, c1, shift.data() + b * C + c0, acc[0], acc[1]);
+      });
   const double m = static_cast<double>(sh.values());
-  std::vector<F> center(sh.batches * C), scale(sh.batches * C), offset(sh.batches * C);
-  for (int64_t i = 0; i < sh.batches * C; ++i) {
-    const double d_mean = sum1[i] / m;
-    const double var = std::max(0.0, sum2[i] / m - d_mean * d_mean);
-    const double mean = static_cast<double>(shift[i]) + d_mean;
-    const int64_t p = (i / C) * param_stride + i % C;
-    mean_out[i] = static_cast<F>(mean);
-    var_out[i] = static_cast<F>(var);
-    center[i] = static_cast<F>(mean);
-    scale[i] = static_cast<F>(static_cast<double>(gamma[p]) / std::sqrt(var + eps));
-    offset[i] = beta[p];
+  mean->resize(sh.stats());
+  var->resize(sh.stats());
+  for (int64_t i = 0; i < sh.stats(); ++i) {
+    const double d_mean = sum[i] / m;
+    (*var)[i] = std::max(0.0, square_sum[i] / m - d_mean * d_mean);
+    (*mean)[i] = shift[i] + d_mean;
   }
-  ParallelFor(sh.batches * R, C * S, [&](int64_t lo, int64_t hi) {
-    for (int64_t item = lo; item < hi; ++item) {
-      const int64_t b = item / R;
-      NormalizeRow<T, F>(x + item * C * S, center.data() + b * C, scale.data() + b * C,
-                         offset.data() + b * C, C, S, y + item * C * S);
-    }
-  });
+}
+
+// y from statistics: y = (x - mean) * gamma / sqrt(var + eps) + beta; inv_std out.
+template <class T, class F>
+void NormalizeWith(const Shape& sh, const T* x, const double* mean, const double* var,
+                   const F* gamma, const F* beta, int64_t param_stride, double eps, T* y,
+                   F* inv_std_out) {
+  Coefficients<T> co(sh.stats());
+  for (int64_t i = 0; i < sh.stats(); ++i) {
+    const int64_t p = (i / sh.channels) * param_stride + i % sh.channels;
+    const double inv_std = 1.0 / std::sqrt(var[i] + eps);
+    inv_std_out[i] = static_cast<F>(inv_std);
+    co.mean[i] = static_cast<E<T>>(mean[i]);
+    co.a[i] = static_cast<E<T>>(static_cast<double>(gamma[p]) * inv_std);
+    co.k1[i] = static_cast<E<T>>(beta[p]);
+  }
+  Normalize<T>(sh, x, co, y);
+}
+
+// dx from the global sums over m values:
+// dx = a * dy + k1 + (x - mean) * k2, a = gamma * inv_std, k1 = -a * sum_dy / m,
+// k2 = -a * inv_std^2 * sum_dy_xmu / m (see jaxbn/_normalize.py alt_rule).
+template <class T, class F>
+void GradInputWith(const Shape& sh, const T* x, const T* dy, const double* mean,
+                   const double* inv_std, const F* gamma, int64_t param_stride,
+                   const double* sum_dy, const double* sum_dy_xmu, double m, T* dx) {
+  Coefficients<T> co(sh.stats());
+  for (int64_t i = 0; i < sh.stats(); ++i) {
+    const int64_t p = (i / sh.channels) * param_stride + i % sh.channels;
+    const double is = inv_std[i], a = static_cast<double>(gamma[p]) * is;
+    co.mean[i] = static_cast<E<T>>(mean[i]);
+    co.a[i] = static_cast<E<T>>(a);
+    co.k1[i] = static_cast<E<T>>(-a * sum_dy[i] / m);
+    co.k2[i] = static_cast<E<T>>(-a * is * is * sum_dy_xmu[i] / m);
+  }
+  GradInput<T>(sh, x, dy, co, dx);
 }
 
 template <class T, class F>
-void Backward(const Shape& sh, const T* x, const T* dy, const F* mean, const F* inv_std,
-              const F* gamma, int64_t param_stride, T* dx, F* dgamma, F* dbeta) {
-  const int64_t C = sh.channels, S = sh.inner, R = sh.rows;
-  std::vector<double> part1, part2, sum_dy, sum_dy_xmu;
-  BlockSums<F>(sh, &part1, &part2,
-               [&](int64_t b, int64_t r, int64_t c0, int64_t c1, F* acc1, F* acc2) {
-    const int64_t offset = ((b * R + r) * C + c0) * S;
-    GradRow<T, F>(x + offset, dy + offset, mean + b * C + c0, c1 - c0, S, acc1, acc2);
-  });
-  ReduceBlocks(sh, part1, &sum_dy);
-  ReduceBlocks(sh, part2, &sum_dy_xmu);
-  const double m = static_cast<double>(sh.values());
-  // dx = a * dy + k1 + (x - mean) * k2, a = gamma * inv_std (see jaxbn/_normalize.py alt_rule).
-  std::vector<F> a(sh.batches * C), k1(sh.batches * C), k2(sh.batches * C);
-  for (int64_t i = 0; i < sh.batches * C; ++i) {
-    const int64_t p = (i / C) * param_stride + i % C;
-    const double is = inv_std[i], scale = static_cast<double>(gamma[p]) * is;
-    const double sum_dy_xhat = sum_dy_xmu[i] * is;
-    dbeta[i] = static_cast<F>(sum_dy[i]);
-    dgamma[i] = static_cast<F>(sum_dy_xhat);
-    a[i] = static_cast<F>(scale);
-    k1[i] = static_cast<F>(-scale * sum_dy[i] / m);
-    k2[i] = static_cast<F>(-scale * is * sum_dy_xhat / m);
-  }
-  ParallelFor(sh.batches * R, C * S, [&](int64_t lo, int64_t hi) {
-    for (int64_t item = lo; item < hi; ++item) {
-      const int64_t b = item / R, offset = item * C * S;
-      GradInputRow<T, F>(x + offset, dy + offset, mean + b * C, a.data() + b * C,
-                         k1.data() + b * C, k2.data() + b * C, C, S, dx + offset);
-    }
-  });
+void GradSums(const Shape& sh, const T* x, const T* dy, const F* mean, std::vector<double>* sum_dy,
+              std::vector<double>* sum_dy_xmu) {
+  const std::vector<E<T>> center(mean, mean + sh.stats());
+  const int64_t C = sh.channels;
+  auto sums = Sums<2>(
+      sh, [&](int64_t b, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* const* acc) {
+        GradRows<T>(sh, x, dy, b, r0, r1, c0, c1, center.data() + b * C + c0, acc[0], acc[1]);
+      });
+  *sum_dy = std::move(sums[0]);
+  *sum_dy_xmu = std::move(sums[1]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// FFI plumbing: buffers to typed pointers, shape checks, the dtype switch.
+
+template <class T>
+const T* In(const ffi::AnyBuffer& buffer) {
+  return static_cast<const T*>(buffer.untyped_data());
+}
+template <class T>
+T* Out(ffi::Result<ffi::AnyBuffer>& buffer) {
+  return static_cast<T*>(buffer->untyped_data());
+}
+template <class F>
+void Put(const std::vector<double>& values, ffi::Result<ffi::AnyBuffer>& out) {
+  F* p = Out<F>(out);
+  for (size_t i = 0; i < values.size(); ++i) p[i] = static_cast<F>(values[i]);
+}
+template <class F>
+std::vector<double> Get(const ffi::AnyBuffer& buffer) {
+  const F* p = In<F>(buffer);
+  return std::vector<double>(p, p + buffer.element_count());
 }
 
 // The per-(batch, channel) parameter stride: gamma/beta are (C,) or carry the batch axes too.
 bool ParamStride(const Shape& sh, const ffi::AnyBuffer& p, int64_t* stride) {
   const int64_t n = static_cast<int64_t>(p.element_count());
   if (n == sh.channels) *stride = 0;
-  else if (n == sh.batches * sh.channels) *stride = sh.channels;
+  else if (n == sh.stats()) *stride = sh.channels;
   else return false;
   return true;
 }
 
-template <class T, class F>
-ffi::Error ForwardTyped(const Shape& sh, ffi::AnyBuffer x, ffi::AnyBuffer gamma,
-                        ffi::AnyBuffer beta, int64_t stride, double eps, ffi::AnyBuffer* y,
-                        ffi::AnyBuffer* mean, ffi::AnyBuffer* var) {
-  Forward<T, F>(sh, static_cast<const T*>(x.untyped_data()),
-                static_cast<const F*>(gamma.untyped_data()),
-                static_cast<const F*>(beta.untyped_data()), stride, eps,
-                static_cast<T*>(y->untyped_data()), static_cast<F*>(mean->untyped_data()),
-                static_cast<F*>(var->untyped_data()));
+bool PerStatistic(const Shape& sh, std::initializer_list<const ffi::AnyBuffer*> buffers) {
+  for (const ffi::AnyBuffer* b : buffers)
+    if (static_cast<int64_t>(b->element_count()) != sh.stats()) return false;
+  return true;
+}
+
+template <class T>
+struct Tag {
+  using type = T;
+};
+
+// Calls fn(Tag<T>, Tag<F>) for x's dtype T and its statistics' dtype F.
+template <class Fn>
+ffi::Error ByDtype(ffi::DataType dtype, Fn fn) {
+  using D = ffi::DataType;
+  switch (dtype) {
+    case D::F32: fn(Tag<float>{}, Tag<float>{}); break;
+    case D::F64: fn(Tag<double>{}, Tag<double>{}); break;
+    case D::BF16: fn(Tag<BFloat16>{}, Tag<float>{}); break;
+    case D::F16: fn(Tag<_Float16>{}, Tag<float>{}); break;
+    default: return ffi::Error::InvalidArgument("jaxbn batch norm: unsupported dtype");
+  }
   return ffi::Error::Success();
+}
+
+ffi::Error ShapeError(const char* what) {
+  return ffi::Error::InvalidArgument(std::string("jaxbn batch norm: unexpected shapes in ") + what);
 }
 
 ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer gamma, ffi::AnyBuffer beta,
                        ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> mean,
-                       ffi::Result<ffi::AnyBuffer> var, double eps) {
+                       ffi::Result<ffi::AnyBuffer> var, ffi::Result<ffi::AnyBuffer> inv_std,
+                       int64_t axis, int64_t batch_dims, double eps) {
   Shape sh;
   int64_t stride, beta_stride;
-  if (!ToShape(x.dimensions(), &sh) || !ParamStride(sh, gamma, &stride) ||
+  if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !ParamStride(sh, gamma, &stride) ||
       !ParamStride(sh, beta, &beta_stride) || stride != beta_stride)
-    return ffi::Error::InvalidArgument("jaxbn batch norm: unexpected shapes");
+    return ShapeError("forward");
   AdviseHugePages(y->untyped_data(), y->size_bytes());
-  using D = ffi::DataType;
-  switch (x.element_type()) {
-    case D::F32: return ForwardTyped<float, float>(sh, x, gamma, beta, stride, eps, &*y, &*mean, &*var);
-    case D::F64: return ForwardTyped<double, double>(sh, x, gamma, beta, stride, eps, &*y, &*mean, &*var);
-    case D::BF16: return ForwardTyped<BFloat16, float>(sh, x, gamma, beta, stride, eps, &*y, &*mean, &*var);
-    case D::F16: return ForwardTyped<_Float16, float>(sh, x, gamma, beta, stride, eps, &*y, &*mean, &*var);
-    default: return ffi::Error::InvalidArgument("jaxbn batch norm: unsupported dtype");
-  }
+  return ByDtype(x.element_type(), [&](auto t, auto f) {
+    using T = typename decltype(t)::type;
+    using F = typename decltype(f)::type;
+    std::vector<double> mean64, var64;
+    Statistics<T>(sh, In<T>(x), &mean64, &var64);
+    Put<F>(mean64, mean);
+    Put<F>(var64, var);
+    NormalizeWith<T, F>(sh, In<T>(x), mean64.data(), var64.data(), In<F>(gamma), In<F>(beta),
+                        stride, eps, Out<T>(y), Out<F>(inv_std));
+  });
 }
 
-template <class T, class F>
-ffi::Error BackwardTyped(const Shape& sh, ffi::AnyBuffer x, ffi::AnyBuffer dy,
-                         ffi::AnyBuffer mean, ffi::AnyBuffer inv_std, ffi::AnyBuffer gamma,
-                         int64_t stride, ffi::AnyBuffer* dx, ffi::AnyBuffer* dgamma,
-                         ffi::AnyBuffer* dbeta) {
-  Backward<T, F>(sh, static_cast<const T*>(x.untyped_data()),
-                 static_cast<const T*>(dy.untyped_data()),
-                 static_cast<const F*>(mean.untyped_data()),
-                 static_cast<const F*>(inv_std.untyped_data()),
-                 static_cast<const F*>(gamma.untyped_data()), stride,
-                 static_cast<T*>(dx->untyped_data()), static_cast<F*>(dgamma->untyped_data()),
-                 static_cast<F*>(dbeta->untyped_data()));
-  return ffi::Error::Success();
+ffi::Error StatsImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> mean,
+                     ffi::Result<ffi::AnyBuffer> var, int64_t axis, int64_t batch_dims) {
+  Shape sh;
+  if (!ToShape(x.dimensions(), batch_dims, axis, &sh)) return ShapeError("stats");
+  return ByDtype(x.element_type(), [&](auto t, auto f) {
+    using T = typename decltype(t)::type;
+    using F = typename decltype(f)::type;
+    std::vector<double> mean64, var64;
+    Statistics<T>(sh, In<T>(x), &mean64, &var64);
+    Put<F>(mean64, mean);
+    Put<F>(var64, var);
+  });
 }
 
-ffi::Error BackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer mean,
-                        ffi::AnyBuffer inv_std, ffi::AnyBuffer gamma,
+ffi::Error NormalizeImpl(ffi::AnyBuffer x, ffi::AnyBuffer mean, ffi::AnyBuffer var,
+                         ffi::AnyBuffer gamma, ffi::AnyBuffer beta,
+                         ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> inv_std,
+                         int64_t axis, int64_t batch_dims, double eps) {
+  Shape sh;
+  int64_t stride, beta_stride;
+  if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !PerStatistic(sh, {&mean, &var}) ||
+      !ParamStride(sh, gamma, &stride) || !ParamStride(sh, beta, &beta_stride) ||
+      stride != beta_stride)
+    return ShapeError("normalize");
+  AdviseHugePages(y->untyped_data(), y->size_bytes());
+  return ByDtype(x.element_type(), [&](auto t, auto f) {
+    using T = typename decltype(t)::type;
+    using F = typename decltype(f)::type;
+    const std::vector<double> mean64 = Get<F>(mean), var64 = Get<F>(var);
+    NormalizeWith<T, F>(sh, In<T>(x), mean64.data(), var64.data(), In<F>(gamma), In<F>(beta),
+                        stride, eps, Out<T>(y), Out<F>(inv_std));
+  });
+}
+
+ffi::Error BackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer gamma,
                         ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dgamma,
-                        ffi::Result<ffi::AnyBuffer> dbeta) {
+                        ffi::Result<ffi::AnyBuffer> dbeta, int64_t axis, int64_t batch_dims,
+                        double eps) {
   Shape sh;
   int64_t stride;
-  if (!ToShape(x.dimensions(), &sh) || !ParamStride(sh, gamma, &stride) ||
-      static_cast<int64_t>(mean.element_count()) != sh.batches * sh.channels)
-    return ffi::Error::InvalidArgument("jaxbn batch norm backward: unexpected shapes");
+  if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !ParamStride(sh, gamma, &stride))
+    return ShapeError("backward");
   AdviseHugePages(dx->untyped_data(), dx->size_bytes());
-  using D = ffi::DataType;
-  switch (x.element_type()) {
-    case D::F32: return BackwardTyped<float, float>(sh, x, dy, mean, inv_std, gamma, stride, &*dx, &*dgamma, &*dbeta);
-    case D::F64: return BackwardTyped<double, double>(sh, x, dy, mean, inv_std, gamma, stride, &*dx, &*dgamma, &*dbeta);
-    case D::BF16: return BackwardTyped<BFloat16, float>(sh, x, dy, mean, inv_std, gamma, stride, &*dx, &*dgamma, &*dbeta);
-    case D::F16: return BackwardTyped<_Float16, float>(sh, x, dy, mean, inv_std, gamma, stride, &*dx, &*dgamma, &*dbeta);
-    default: return ffi::Error::InvalidArgument("jaxbn batch norm backward: unsupported dtype");
-  }
+  return ByDtype(x.element_type(), [&](auto t, auto f) {
+    using T = typename decltype(t)::type;
+    using F = typename decltype(f)::type;
+    const T* xs = In<T>(x);
+    const T* dys = In<T>(dy);
+    const int64_t C = sh.channels;
+    std::vector<E<T>> shift(sh.stats());  // the forward's shift: x values, exact in E<T>
+    for (int64_t b = 0; b < sh.batches; ++b)
+      for (int64_t c = 0; c < C; ++c) shift[b * C + c] = Load(xs[(b * sh.rows * C + c) * sh.inner]);
+    const auto sums = Sums<4>(
+        sh, [&](int64_t b, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* const* acc) {
+          BackwardRows<T>(sh, xs, dys, b, r0, r1, c0, c1, shift.data() + b * C + c0, acc);
+        });
+    const double m = static_cast<double>(sh.values());
+    std::vector<double> mean(sh.stats()), inv_std(sh.stats()), sum_dy_xmu(sh.stats()),
+        dgamma64(sh.stats());
+    for (int64_t i = 0; i < sh.stats(); ++i) {
+      const double d_mean = sums[0][i] / m;
+      const double var = std::max(0.0, sums[1][i] / m - d_mean * d_mean);
+      mean[i] = shift[i] + d_mean;
+      inv_std[i] = 1.0 / std::sqrt(var + eps);
+      sum_dy_xmu[i] = sums[3][i] - d_mean * sums[2][i];  // sum(dy * (x - mean))
+      dgamma64[i] = sum_dy_xmu[i] * inv_std[i];
+    }
+    Put<F>(dgamma64, dgamma);
+    Put<F>(sums[2], dbeta);
+    GradInputWith<T, F>(sh, xs, dys, mean.data(), inv_std.data(), In<F>(gamma), stride,
+                        sums[2].data(), sum_dy_xmu.data(), m, Out<T>(dx));
+  });
+}
+
+ffi::Error GradSumsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer mean,
+                        ffi::Result<ffi::AnyBuffer> sum_dy, ffi::Result<ffi::AnyBuffer> sum_dy_xmu,
+                        int64_t axis, int64_t batch_dims) {
+  Shape sh;
+  if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !PerStatistic(sh, {&mean})) return ShapeError("grad_sums");
+  return ByDtype(x.element_type(), [&](auto t, auto f) {
+    using T = typename decltype(t)::type;
+    using F = typename decltype(f)::type;
+    std::vector<double> s1, s2;
+    GradSums<T, F>(sh, In<T>(x), In<T>(dy), In<F>(mean), &s1, &s2);
+    Put<F>(s1, sum_dy);
+    Put<F>(s2, sum_dy_xmu);
+  });
+}
+
+ffi::Error GradInputImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer mean,
+                         ffi::AnyBuffer inv_std, ffi::AnyBuffer gamma, ffi::AnyBuffer sum_dy,
+                         ffi::AnyBuffer sum_dy_xmu, ffi::Result<ffi::AnyBuffer> dx,
+                         int64_t axis, int64_t batch_dims, double count) {
+  Shape sh;
+  int64_t stride;
+  if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !ParamStride(sh, gamma, &stride) ||
+      !PerStatistic(sh, {&mean, &inv_std, &sum_dy, &sum_dy_xmu}))
+    return ShapeError("grad_input");
+  AdviseHugePages(dx->untyped_data(), dx->size_bytes());
+  return ByDtype(x.element_type(), [&](auto t, auto f) {
+    using T = typename decltype(t)::type;
+    using F = typename decltype(f)::type;
+    const std::vector<double> s1 = Get<F>(sum_dy), s2 = Get<F>(sum_dy_xmu);
+    const std::vector<double> mean64 = Get<F>(mean), inv_std64 = Get<F>(inv_std);
+    GradInputWith<T, F>(sh, In<T>(x), In<T>(dy), mean64.data(), inv_std64.data(), In<F>(gamma),
+                        stride, s1.data(), s2.data(), count, Out<T>(dx));
+  });
 }
 
 }  // namespace
 
+using Buffer = ffi::AnyBuffer;
+using Result = ffi::Result<ffi::AnyBuffer>;
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormForward, ForwardImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
+                                  .Arg<Buffer>()  // x
+                                  .Arg<Buffer>()  // gamma
+                                  .Arg<Buffer>()  // beta
+                                  .Ret<Buffer>()  // y
+                                  .Ret<Buffer>()  // mean
+                                  .Ret<Buffer>()  // var
+                                  .Ret<Buffer>()  // inv_std
+                                  .Attr<int64_t>("axis")
+                                  .Attr<int64_t>("batch_dims")
+                                  .Attr<double>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormStats, StatsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<Buffer>()  // x
+                                  .Ret<Buffer>()  // mean
+                                  .Ret<Buffer>()  // var
+                                  .Attr<int64_t>("axis")
+                                  .Attr<int64_t>("batch_dims"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormNormalize, NormalizeImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<Buffer>()  // x
+                                  .Arg<Buffer>()  // mean
+                                  .Arg<Buffer>()  // var
+                                  .Arg<Buffer>()  // gamma
+                                  .Arg<Buffer>()  // beta
+                                  .Ret<Buffer>()  // y
+                                  .Ret<Buffer>()  // inv_std
+                                  .Attr<int64_t>("axis")
+                                  .Attr<int64_t>("batch_dims")
                                   .Attr<double>("eps"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormBackward, BackwardImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Arg<Buffer>()  // x
+                                  .Arg<Buffer>()  // dy
+                                  .Arg<Buffer>()  // gamma
+                                  .Ret<Buffer>()  // dx
+                                  .Ret<Buffer>()  // dgamma
+                                  .Ret<Buffer>()  // dbeta
+                                  .Attr<int64_t>("axis")
+                                  .Attr<int64_t>("batch_dims")
+                                  .Attr<double>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormGradSums, GradSumsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<Buffer>()  // x
+                                  .Arg<Buffer>()  // dy
+                                  .Arg<Buffer>()  // mean
+                                  .Ret<Buffer>()  // sum_dy
+                                  .Ret<Buffer>()  // sum_dy_xmu
+                                  .Attr<int64_t>("axis")
+                                  .Attr<int64_t>("batch_dims"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormGradInput, GradInputImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<Buffer>()  // x
+                                  .Arg<Buffer>()  // dy
+                                  .Arg<Buffer>()  // mean
+                                  .Arg<Buffer>()  // inv_std
+                                  .Arg<Buffer>()  // gamma
+                                  .Arg<Buffer>()  // sum_dy (global)
+                                  .Arg<Buffer>()  // sum_dy_xmu (global)
+                                  .Ret<Buffer>()  // dx
+                                  .Attr<int64_t>("axis")
+                                  .Attr<int64_t>("batch_dims")
+                                  .Attr<double>("count"));  // values per statistic, global
 
 // The Python module: targets() -> {name: PyCapsule of the handler}, for
 // jax.ffi.register_ffi_target(name, capsule, platform="cpu").
@@ -459,8 +948,13 @@ static PyObject* Targets(PyObject*, PyObject*) {
   const struct {
     const char* name;
     void* fn;
-  } handlers[] = {{"jaxbn_batch_norm_forward", reinterpret_cast<void*>(JaxbnBatchNormForward)},
-                  {"jaxbn_batch_norm_backward", reinterpret_cast<void*>(JaxbnBatchNormBackward)}};
+  } handlers[] = {
+      {"jaxbn_batch_norm_forward", reinterpret_cast<void*>(JaxbnBatchNormForward)},
+      {"jaxbn_batch_norm_backward", reinterpret_cast<void*>(JaxbnBatchNormBackward)},
+      {"jaxbn_batch_norm_stats", reinterpret_cast<void*>(JaxbnBatchNormStats)},
+      {"jaxbn_batch_norm_normalize", reinterpret_cast<void*>(JaxbnBatchNormNormalize)},
+      {"jaxbn_batch_norm_grad_sums", reinterpret_cast<void*>(JaxbnBatchNormGradSums)},
+      {"jaxbn_batch_norm_grad_input", reinterpret_cast<void*>(JaxbnBatchNormGradInput)}};
   for (const auto& h : handlers) {
     PyObject* capsule = PyCapsule_New(h.fn, nullptr, nullptr);
     if (capsule == nullptr || PyDict_SetItemString(out, h.name, capsule) < 0) {

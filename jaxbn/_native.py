@@ -2,14 +2,16 @@
 
 :func:`forward` and :func:`backward` are the CPU implementation of the formulas in
 :mod:`jaxbn._rules` (``statistics`` + ``scale_shift``, ``alt_rule``) for batch norm: the same
-inputs, outputs and residuals. :func:`decide` says, once per call, whether they run: the
-extension was built (``pip install -e .`` with a C++ compiler), the default backend is the CPU,
-the call is a batch norm whose layout the kernels take (``Layout.native_view``), the rule is
-``"alt"`` without mask or ``axis_name``, and ``JAXBN_NATIVE`` is not ``0``; otherwise the jnp
-rules run. Each native call is a ``custom_jvp``
-whose derivative is the jnp rule's, so reverse-over-reverse and ``jax.hessian`` differentiate
-exactly what the jnp path would. Under ``jax.vmap`` the kernel receives the mapped axis as
-independent batches (``vmap_method="broadcast_all"``): statistics per batch, no serial loop.
+inputs, outputs and residuals, with every sum in float64 (exact to the final rounding).
+:func:`decide` says, once per call, whether they run: the extension was built (``pip install -e
+.`` with a C++ compiler), the default backend is the CPU, the call is a batch norm whose layout
+the kernels take (``Layout.native_view``), the rule is ``"alt"`` without mask or ``axis_name``,
+``x``'s sharding is one the kernels can split (:func:`jaxbn._partition.supported`), and
+``JAXBN_NATIVE`` is not ``0``; otherwise the jnp rules run. Each native call is a
+``custom_jvp`` whose derivative is the jnp rule's, so reverse-over-reverse and ``jax.hessian``
+differentiate exactly what the jnp path would. :mod:`jaxbn._partition` runs the kernels on each
+device's shard of a sharded ``x`` and hands them ``jax.vmap``'s axis as independent batches
+(statistics per batch, no serial loop).
 """
 
 from __future__ import annotations
@@ -21,9 +23,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxbn import _rules
+from jaxbn import _partition, _rules
 
 try:
     from jaxbn import _kernels
@@ -85,15 +86,19 @@ def _enabled() -> bool:
     return status["enabled"] and jax.default_backend() == "cpu"
 
 
-def decide(view: tuple[int, int, int] | None, x_dtype: Any, param_dtype: Any) -> bool:
+def decide(view: tuple[int, int, int] | None, x_dtype: Any, param_dtype: Any,
+           x_type: Any = None) -> bool:
     """Whether the native kernels compute a batch norm whose layout has the kernel ``view``
-    (``Layout.native_view``; None for every other normalization). Called once per call; the
-    forward and the backward read the answer from the core's config."""
+    (``Layout.native_view``; None for every other normalization) on an ``x`` of type ``x_type``
+    (``jax.typeof(x)``, for its sharding). Called once per call; the forward and the backward
+    read the answer from the core's config."""
     if view is None or jnp.dtype(x_dtype) not in DTYPES:
         return False
     # The kernels take gamma and beta in the statistics' dtype: float32, or float64 for float64.
     wide = jnp.dtype(x_dtype) == jnp.float64
     if jnp.dtype(param_dtype) == jnp.float64 and not wide:
+        return False
+    if x_type is not None and not _partition.supported(x_type):
         return False
     return _enabled()
 
@@ -102,27 +107,26 @@ def _stat_dtype(x):
     return jnp.float64 if x.dtype == jnp.float64 else jnp.float32
 
 
+def _kept(x, config):
+    """The statistics' shape: x's with size 1 along the reduced axes."""
+    return tuple(1 if a in config.stat_axes else n for a, n in enumerate(x.shape))
+
+
 def _jnp_forward(x, gamma, beta, config):
     mean, var = _rules.statistics(x, config, _stat_dtype(x))
     inv_std = jax.lax.rsqrt(var + config.eps)
-    return _rules.scale_shift(x, mean, inv_std, gamma, beta), mean, var
+    return _rules.scale_shift(x, mean, inv_std, gamma, beta), mean, var, inv_std
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def forward(x, gamma, beta, config):
-    """``(y, mean, var)`` as the jnp rule computes them (statistics with x's rank, size 1 along
-    the reduced axes), for ``config.native == (rows, channels, inner)``."""
-    rows, channels, inner = config.native
-    stat = _stat_dtype(x)
-    keep = tuple(1 if a in config.stat_axes else n for a, n in enumerate(x.shape))
-    y, mean, var = jax.ffi.ffi_call(
-        "jaxbn_batch_norm_forward",
-        (jax.ShapeDtypeStruct((1, rows, channels, inner), x.dtype),
-         jax.ShapeDtypeStruct((1, channels), stat), jax.ShapeDtypeStruct((1, channels), stat)),
-        vmap_method="broadcast_all",
-    )(x.reshape(1, rows, channels, inner), gamma.astype(stat).reshape(1, channels),
-      beta.astype(stat).reshape(1, channels), eps=np.float64(config.eps))
-    return y.reshape(x.shape), mean.reshape(keep), var.reshape(keep)
+    """``(y, mean, var, inv_std)`` as the jnp rule computes them (statistics with x's rank, size
+    1 along the reduced axes), for ``config.native``, the feature axis of ``x``."""
+    stat, keep = _stat_dtype(x), _kept(x, config)
+    y, *stats = _partition.forward(x, gamma.astype(stat).reshape(-1),
+                                   beta.astype(stat).reshape(-1), axis=config.native,
+                                   eps=config.eps)
+    return (y, *(a.reshape(keep) for a in stats))
 
 
 @forward.defjvp
@@ -137,18 +141,11 @@ def _jnp_backward(x, dy, mean, inv_std, gamma, config):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def backward(x, dy, mean, inv_std, gamma, config):
     """``(dx, dgamma, dbeta)`` as :func:`jaxbn._rules.alt_rule` computes them."""
-    rows, channels, inner = config.native
     stat = mean.dtype
-    dx, dgamma, dbeta = jax.ffi.ffi_call(
-        "jaxbn_batch_norm_backward",
-        (jax.ShapeDtypeStruct((1, rows, channels, inner), x.dtype),
-         jax.ShapeDtypeStruct((1, channels), stat), jax.ShapeDtypeStruct((1, channels), stat)),
-        vmap_method="broadcast_all",
-    )(x.reshape(1, rows, channels, inner), dy.astype(x.dtype).reshape(1, rows, channels, inner),
-      mean.reshape(1, channels), inv_std.reshape(1, channels),
-      gamma.astype(stat).reshape(1, channels))
-    return (dx.reshape(x.shape), dgamma.reshape(gamma.shape).astype(gamma.dtype),
-            dbeta.reshape(gamma.shape))
+    dx, dgamma, dbeta = _partition.backward(
+        x, dy.astype(x.dtype), mean.reshape(-1), inv_std.reshape(-1),
+        gamma.astype(stat).reshape(-1), axis=config.native, eps=config.eps)
+    return dx, dgamma.reshape(gamma.shape).astype(gamma.dtype), dbeta.reshape(gamma.shape)
 
 
 @backward.defjvp

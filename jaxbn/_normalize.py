@@ -42,16 +42,18 @@ SPLIT_BACKWARDS = ("alt", "autodiff")
 
 
 def configure(lay: Layout, *, eps: float, backward: str, x_dtype: Any, param_dtype: Any,
-              axis_name: Any = None, masked: bool = False, kernels: bool = True) -> Config:
+              axis_name: Any = None, masked: bool = False, kernels: bool = True,
+              x_type: Any = None) -> Config:
     """The core's static config for one call: the layout's axes, and whether the native kernels
     compute it (decided here, once; the forward and the backward both read it).
 
-    ``kernels=False`` keeps the call on the jnp rules (batch renormalization has its own rule).
+    ``kernels=False`` keeps the call on the jnp rules (batch renormalization has its own rule);
+    ``x_type`` (``jax.typeof(x)``) lets the decision see x's sharding.
     """
     native = None
     if (kernels and backward == "alt" and axis_name is None and not masked
-            and _native.decide(lay.native_view, x_dtype, param_dtype)):
-        native = lay.native_view
+            and _native.decide(lay.native_view, x_dtype, param_dtype, x_type)):
+        native = lay.feature_axis
     return Config(lay.stat_axes, lay.grad_axes, eps, backward, axis_name, native)
 
 
@@ -108,8 +110,7 @@ def _normalize_core(x, gamma, beta, config):
 
 def _normalize_core_fwd(x, gamma, beta, config):
     if config.native is not None:  # the same computation in one C++ kernel
-        y, mean, var = _native.forward(x, gamma, beta, config)
-        inv_std = jax.lax.rsqrt(var + config.eps)
+        y, mean, var, inv_std = _native.forward(x, gamma, beta, config)
     else:
         mean, var = statistics(x, config, stat_dtype(x.dtype, gamma.dtype, beta.dtype))
         inv_std = jax.lax.rsqrt(var + config.eps)

@@ -37,8 +37,8 @@ class Config(NamedTuple):
     eps: float
     backward: str  # "alt", "graph" or "autodiff"
     axis_name: Any = None  # mapped axis name(s) the statistics are also taken across
-    native: tuple[int, int, int] | None = None  # (rows, channels, inner) when the native
-    #                                             kernels compute this call, else None
+    native: int | None = None  # the feature axis when the native kernels compute this call
+    #                            (a batch norm over every other axis), else None
 
 
 class Residuals(NamedTuple):

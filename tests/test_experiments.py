@@ -127,6 +127,9 @@ def test_benchmark_quick_writes_a_table_and_json(tmp_path, capsys):
         # The hand-written rule keeps one input-sized array plus per-feature vectors.
         assert row["residual_bytes"]["alt"] <= 1.05 * row["x_bytes"]
         assert row["residual_bytes"]["native"] <= 1.05 * row["x_bytes"]
+    # The sharded row: x split over 8 devices, never gathered, on either rule.
+    assert len(saved["sharded"]["seconds"]) == 4
+    assert not any(saved["sharded"]["all_gathers"].values()), saved["sharded"]
     for row in saved["dropout"]:
         elements = row["x_bytes"] / 4
         assert row["residual_bytes"]["jaxbn (packed mask)"] <= elements / 8 + 16
