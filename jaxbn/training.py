@@ -33,6 +33,7 @@ Shapes: ``M`` stacked models, ``N`` training examples, ``B`` batch size, ``K`` c
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -110,9 +111,10 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
     if not jit:
         raise ValueError("mesh= lays out the jitted step's inputs and outputs on the mesh, so it "
                          "needs jit=True; to compose the plain step yourself, pass mesh=None.")
-    mesh = _check_mesh(mesh)
+    given, mesh = mesh, _check_mesh(mesh)
     whole, split = _replicated(mesh), _split(mesh)
-    return jax.jit(step, in_shardings=(whole, whole, whole, split, whole), out_shardings=whole)
+    return _OnMesh(jax.jit(step, in_shardings=(whole, whole, whole, split, whole),
+                           out_shardings=whole), mesh, given)
 
 
 class TrainState(NamedTuple):
@@ -193,8 +195,9 @@ def make_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, *, nu
     _check_divisible("batch_size", batch_size, mesh)
     whole, split = _replicated(mesh), _split(mesh, axis=1)  # batches (steps, B, ...)
     draw = jax.jit(_epoch_order, static_argnums=(1, 2))
-    scan = jax.jit(lambda carry, xs, ys, key: scan_steps(carry, (xs, ys), lambda *b: b, key),
-                   in_shardings=(whole, split, split, whole), out_shardings=whole)
+    scan = _OnMesh(jax.jit(lambda carry, xs, ys, key: scan_steps(carry, (xs, ys),
+                                                                 lambda *b: b, key),
+                           in_shardings=(whole, split, split, whole), out_shardings=whole), mesh)
 
     def inputs(params, net_state, opt_state, x, y, epoch_key):
         order = np.asarray(draw(epoch_key, num_examples, batch_size))
@@ -230,7 +233,8 @@ def make_predict(apply_fn: ApplyFn, *, mesh: Mesh | None = None) -> Callable:
         return jax.jit(predict)
     mesh = _check_mesh(mesh)
     whole = _replicated(mesh)
-    sharded = jax.jit(predict, in_shardings=(whole, whole, _split(mesh)), out_shardings=whole)
+    sharded = _OnMesh(jax.jit(predict, in_shardings=(whole, whole, _split(mesh)),
+                              out_shardings=whole), mesh)
 
     def predict_on_mesh(params, net_state, x):
         x = np.asarray(x)
@@ -291,6 +295,42 @@ def _check_mesh(mesh: Any) -> Mesh:
     return mesh
 
 
+def _use(mesh: Mesh) -> Any:
+    """A context that makes ``mesh`` the current one (``jax.set_mesh``; JAX 0.7 spells it
+    ``jax.sharding.use_mesh``)."""
+    set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+    return set_mesh(mesh)
+
+
+class _OnMesh:
+    """A jitted function called and lowered under its own (auto-axes) mesh, so that a mesh the
+    caller has set (explicit axes, ``jax.set_mesh``) does not leak into its tracing. Arrays on
+    another mesh of the same devices (the caller's) come in onto this one and go back out."""
+
+    def __init__(self, jitted: Callable, mesh: Mesh, given: Mesh | None = None):
+        self._jitted, self._mesh, self._given = jitted, mesh, given
+
+    def __call__(self, *args):
+        with _use(self._mesh):
+            out = self._jitted(*_move(args, self._mesh))
+        return out if self._given in (None, self._mesh) else _move(out, self._given)
+
+    def lower(self, *args):
+        with _use(self._mesh):
+            return self._jitted.lower(*_move(args, self._mesh))
+
+
+def _move(tree: Any, mesh: Mesh) -> Any:
+    """Every array laid out on another mesh (of the same devices) laid out alike on ``mesh``."""
+    def move(a):
+        sharding = getattr(a, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh != mesh:
+            return jax.device_put(a, NamedSharding(mesh, sharding.spec))
+        return a
+
+    return jax.tree.map(move, tree)
+
+
 def _replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
@@ -343,6 +383,14 @@ def _replicate(a: Any, mesh: Mesh) -> jax.Array:
     """``a`` (the same on every process) whole on every device of the mesh."""
     a = np.asarray(a)
     return jax.make_array_from_callback(a.shape, _replicated(mesh), lambda index: a[index])
+
+
+def _fresh_key(key: jax.Array) -> jax.Array:
+    """The same key, made anew from its bits here (not tied to a mesh the caller had set)."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(np.asarray(jax.random.key_data(key)),
+                                        impl=jax.random.key_impl(key))
+    return jnp.asarray(np.asarray(key))
 
 
 def _gather_rows(a: np.ndarray, order: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -684,6 +732,7 @@ def fit(apply_fn: ApplyFn, params: Any, net_state: Any, optimizer: optax.Gradien
         params, net_state = _stack(params), _stack(net_state)
     sets = _check_fit(apply_fn, params, net_state, train_data, val_data, options)
     devices = 1
+    given_mesh = mesh
     if mesh is not None:  # the data stays on the host: each epoch places its batches
         mesh = _check_mesh(mesh)
         devices = mesh.size
@@ -695,26 +744,34 @@ def fit(apply_fn: ApplyFn, params: Any, net_state: Any, optimizer: optax.Gradien
     predict = make_predict(apply_fn, mesh=mesh)
     state = init_train_state(params, net_state, optimizer)
     fingerprint = _fingerprint(key, n, batch_size, state.best_val_acc.shape[0], reg)
-    if resume is not None:
-        state = restore_train_state(resume, state, fingerprint, devices=devices)
-    if mesh is not None:  # on the mesh from the start, so the epoch compiles once
-        state = state._replace(**jax.tree.map(lambda a: _replicate(a, mesh), _arrays_of(state)))
-    bar = _progress(progress, epochs, desc, initial=state.epoch)
-    try:
-        while state.epoch < epochs:
-            *trained, losses = run_epoch(*state[:3], x, y, jax.random.fold_in(key, state.epoch))
-            acc = [evaluate(predict, *trained[:2], *data, eval_batch_size)
-                   for data in evaluation if data is not None]
-            state = record_epoch(state, *trained, losses, acc[0], acc[-1])
-            _show(bar, state)
-            if checkpoint is not None and (state.epoch % checkpoint_every == 0
-                                           or state.epoch == epochs):
-                save_train_state(checkpoint, state, fingerprint, devices=devices)
-    except jax.errors.JaxRuntimeError as error:
-        if jax.process_count() == 1:
-            raise
-        raise _lost_peer_error(error, state.epoch, checkpoint) from error
-    finally:
-        if bar is not None:
-            bar.close()
-    return _result(state, stacked)
+    # Under fit's own (auto-axes) mesh, whatever mesh the caller has set.
+    with contextlib.nullcontext() if mesh is None else _use(mesh):
+        if resume is not None:
+            state = restore_train_state(resume, state, fingerprint, devices=devices)
+        if mesh is not None:  # on the mesh from the start, so the epoch compiles once
+            state = state._replace(**jax.tree.map(lambda a: _replicate(a, mesh),
+                                                  _arrays_of(state)))
+            key = _fresh_key(key)
+        bar = _progress(progress, epochs, desc, initial=state.epoch)
+        try:
+            while state.epoch < epochs:
+                *trained, losses = run_epoch(*state[:3], x, y,
+                                             jax.random.fold_in(key, state.epoch))
+                acc = [evaluate(predict, *trained[:2], *data, eval_batch_size)
+                       for data in evaluation if data is not None]
+                state = record_epoch(state, *trained, losses, acc[0], acc[-1])
+                _show(bar, state)
+                if checkpoint is not None and (state.epoch % checkpoint_every == 0
+                                               or state.epoch == epochs):
+                    save_train_state(checkpoint, state, fingerprint, devices=devices)
+        except jax.errors.JaxRuntimeError as error:
+            if jax.process_count() == 1:
+                raise
+            raise _lost_peer_error(error, state.epoch, checkpoint) from error
+        finally:
+            if bar is not None:
+                bar.close()
+        result = _result(state, stacked)
+    if mesh is None:
+        return result
+    return FitResult(*_move(result[:6], given_mesh), result.history)  # on the caller's mesh

@@ -54,13 +54,30 @@ def largest_difference(a, b, what, tol):
 # norm over the global batch (local statistics of 4 rows would move every number by far more).
 params, state = model()
 one = training.fit(nets.apply_mlp, params, state, OPTIMIZER, (X, Y), **KWARGS)
-many = training.fit(nets.apply_mlp, params, state, OPTIMIZER, (X, Y), mesh=MESH, **KWARGS)
+CHECKPOINT = os.path.join(tempfile.mkdtemp(), "run.ckpt")
+many = training.fit(nets.apply_mlp, params, state, OPTIMIZER, (X, Y), mesh=MESH,
+                    checkpoint=CHECKPOINT, **KWARGS)
 loss_diff = largest_difference(one.history["loss"], many.history["loss"], "loss history", 1e-5)
-largest_difference(one.params, many.params, "parameters", 1e-5)
-largest_difference(one.net_state, many.net_state, "running statistics", 1e-5)
+param_diff = largest_difference(one.params, many.params, "parameters", 1e-5)
+stat_diff = largest_difference(one.net_state, many.net_state, "running statistics", 1e-5)
 np.testing.assert_array_equal(one.history["val_acc"], many.history["val_acc"])
 assert many.params["W1"].sharding.is_fully_replicated
-print(f"fit, 4 devices vs 1, 3 epochs: largest loss difference {loss_diff:.2e}")
+print(f"fit, 4 devices vs 1, 3 epochs: largest difference in the losses {loss_diff:.2e}, the "
+      f"parameters {param_diff:.2e}, the running statistics {stat_diff:.2e}")
+
+# 1b. Under the caller's own mesh context (explicit axes on current JAX), with arrays made there:
+# fit and the step run on their auto-axes copy of the mesh and hand results back on the caller's.
+set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh  # JAX 0.7: use_mesh
+with set_mesh(MESH):
+    params_here, state_here = model()
+    inside = training.fit(nets.apply_mlp, params_here, state_here, OPTIMIZER, (X, Y), mesh=MESH,
+                          **{**KWARGS, "epochs": 1})
+    assert inside.params["W1"].sharding.mesh == MESH
+    step_here = training.make_train_step(nets.apply_mlp, OPTIMIZER, mesh=MESH)
+    stepped = step_here(params_here, state_here, OPTIMIZER.init(params_here),
+                        training.shard_batch((X[:16], Y[:16]), MESH), jax.random.key(0))
+    float(jnp.sum(stepped[0]["W1"]))  # usable in the caller's context
+np.testing.assert_array_equal(inside.history["loss"], many.history["loss"][:6])
 
 # 2. stacked models on the mesh: model 0 is the single model above.
 stacked = jax.tree.map(lambda *a: jnp.stack(a), model(0), model(1))
@@ -125,18 +142,16 @@ for device in range(4):
     largest_difference(y_local[rows], whole(X[rows]), f"LOCAL, device {device}", 1e-5)
 assert np.max(np.abs(y_local - y_global)) > 1e-2  # the two really differ
 
-# 6. A checkpoint of the 4-device run resumes on one device, saying the last bits may differ.
-with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, "run.ckpt")
-    training.fit(nets.apply_mlp, params, state, OPTIMIZER, (X, Y), mesh=MESH, checkpoint=path,
-                 **{**KWARGS, "epochs": 1})
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        resumed = training.fit(nets.apply_mlp, params, state, OPTIMIZER, (X, Y), resume=path,
-                               **KWARGS)
-    assert any("written by a run on 4 device(s); this one has 1" in str(w.message)
-               and "last bits" in str(w.message) for w in caught), [str(w.message) for w in caught]
-    largest_difference(one.history["loss"], resumed.history["loss"], "resumed on 1 device", 1e-5)
+# 6. The 4-device run's checkpoint resumes on one device, saying the last bits may differ.
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    resumed = training.fit(nets.apply_mlp, params, state, OPTIMIZER, (X, Y), resume=CHECKPOINT,
+                           **{**KWARGS, "epochs": 4})
+assert any("written by a run on 4 device(s); this one has 1" in str(w.message)
+           and "last bits" in str(w.message) for w in caught), [str(w.message) for w in caught]
+np.testing.assert_array_equal(resumed.history["loss"][:18], many.history["loss"])
+assert resumed.history["loss"].shape == (24,) and np.all(np.isfinite(resumed.history["loss"]))
+os.remove(CHECKPOINT)
 
 # 7. Bad input.
 for call, error, match in [
