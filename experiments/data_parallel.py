@@ -28,7 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 NUM_DEVICES = 8
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

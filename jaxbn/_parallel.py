@@ -18,6 +18,19 @@ large-batch training sometimes wants). ``LOCAL`` computes exactly what ``axis_na
 Detection reads the varying-manual-axes type JAX gives values under ``shard_map`` (its
 ``check_vma=True`` default). ``jax.pmap`` and ``shard_map(..., check_vma=False)`` carry no such
 type, so there nothing warns: the rule above still holds.
+
+Example (each device normalizes its own rows, on purpose; no warning):
+  >>> import jax, jax.numpy as jnp, jaxbn
+  >>> from jax.sharding import NamedSharding, PartitionSpec as P
+  >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  >>> state = jaxbn.init_batch_norm_state(3)
+  >>> per_device = jax.shard_map(
+  ...     lambda x: jaxbn.batch_norm(x, jnp.ones(3), jnp.zeros(3), state, train=True,
+  ...                                axis_name=jaxbn.LOCAL)[0],
+  ...     mesh=mesh, in_specs=P("data"), out_specs=P("data"))
+  >>> x = jax.device_put(jnp.arange(24.0).reshape(8, 3), NamedSharding(mesh, P("data")))
+  >>> jax.jit(per_device)(x).shape
+  (8, 3)
 """
 
 from __future__ import annotations

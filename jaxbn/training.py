@@ -195,20 +195,15 @@ def make_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, *, nu
     _check_divisible("batch_size", batch_size, mesh)
     whole, split = _replicated(mesh), _split(mesh, axis=1)  # batches (steps, B, ...)
     draw = jax.jit(_epoch_order, static_argnums=(1, 2))
-    scan = _OnMesh(jax.jit(lambda carry, xs, ys, key: scan_steps(carry, (xs, ys),
-                                                                 lambda *b: b, key),
-                           in_shardings=(whole, split, split, whole), out_shardings=whole), mesh)
+    scan = jax.jit(lambda carry, xs, ys, key: scan_steps(carry, (xs, ys), lambda *b: b, key),
+                   in_shardings=(whole, split, split, whole), out_shardings=whole)
 
     def inputs(params, net_state, opt_state, x, y, epoch_key):
         order = np.asarray(draw(epoch_key, num_examples, batch_size))
         xs, ys = (_gather_rows(np.asarray(a), order, split) for a in (x, y))
         return (params, net_state, opt_state), xs, ys, epoch_key
 
-    def epoch_on_mesh(*args):
-        return scan(*inputs(*args))
-
-    epoch_on_mesh.lower = lambda *args: scan.lower(*inputs(*args))  # as a jitted function's
-    return epoch_on_mesh
+    return _OnMesh(scan, mesh, prepare=inputs)
 
 
 def _epoch_order(epoch_key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
@@ -298,26 +293,30 @@ def _check_mesh(mesh: Any) -> Mesh:
 def _use(mesh: Mesh) -> Any:
     """A context that makes ``mesh`` the current one (``jax.set_mesh``; JAX 0.7 spells it
     ``jax.sharding.use_mesh``)."""
-    set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+    set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh  # type: ignore[attr-defined]
     return set_mesh(mesh)
 
 
 class _OnMesh:
     """A jitted function called and lowered under its own (auto-axes) mesh, so that a mesh the
     caller has set (explicit axes, ``jax.set_mesh``) does not leak into its tracing. Arrays on
-    another mesh of the same devices (the caller's) come in onto this one and go back out."""
+    another mesh of the same devices (the caller's) come in onto this one and go back out onto
+    ``given``; ``prepare`` turns the caller's arguments into the jitted function's."""
 
-    def __init__(self, jitted: Callable, mesh: Mesh, given: Mesh | None = None):
+    def __init__(self, jitted: Any, mesh: Mesh, given: Mesh | None = None,
+                 prepare: Callable | None = None):
         self._jitted, self._mesh, self._given = jitted, mesh, given
+        self._prepare = prepare or (lambda *args: args)
 
     def __call__(self, *args):
         with _use(self._mesh):
-            out = self._jitted(*_move(args, self._mesh))
+            out = self._jitted(*_move(self._prepare(*args), self._mesh))
         return out if self._given in (None, self._mesh) else _move(out, self._given)
 
     def lower(self, *args):
+        """As a jitted function's ``lower``: for the compiled program's text and shardings."""
         with _use(self._mesh):
-            return self._jitted.lower(*_move(args, self._mesh))
+            return self._jitted.lower(*_move(self._prepare(*args), self._mesh))
 
 
 def _move(tree: Any, mesh: Mesh) -> Any:
@@ -358,6 +357,8 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
       ValueError: a leaf whose first axis is not a multiple of the mesh's device count.
 
     Example:
+      >>> import jax, numpy as np
+      >>> from jaxbn import training
       >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
       >>> x, y = training.shard_batch((np.ones((8, 3), np.float32), np.zeros(8, np.int32)), mesh)
       >>> x.shape, len(x.sharding.device_set) == jax.device_count()
@@ -388,7 +389,7 @@ def _replicate(a: Any, mesh: Mesh) -> jax.Array:
 def _fresh_key(key: jax.Array) -> jax.Array:
     """The same key, made anew from its bits here (not tied to a mesh the caller had set)."""
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return jax.random.wrap_key_data(np.asarray(jax.random.key_data(key)),
+        return jax.random.wrap_key_data(jnp.asarray(np.asarray(jax.random.key_data(key))),
                                         impl=jax.random.key_impl(key))
     return jnp.asarray(np.asarray(key))
 
@@ -772,6 +773,7 @@ def fit(apply_fn: ApplyFn, params: Any, net_state: Any, optimizer: optax.Gradien
             if bar is not None:
                 bar.close()
         result = _result(state, stacked)
-    if mesh is None:
+    if given_mesh is None:
         return result
-    return FitResult(*_move(result[:6], given_mesh), result.history)  # on the caller's mesh
+    # On the caller's mesh (the histories are numpy: left out of the move).
+    return _move(result._replace(history={}), given_mesh)._replace(history=result.history)
