@@ -578,14 +578,37 @@ def _check_same_file_everywhere(path: str) -> None:
             digest = zlib.crc32(f.read())
     except OSError:
         digest = -1  # missing or unreadable here
-    mine = np.array([digest >> 16, digest & 0xFFFF] if digest >= 0 else [-1, -1], np.int32)
-    everyone = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
-    if not np.all(everyone == everyone[0]):
-        seen = ", ".join(f"process {i}: " + ("no file" if hi < 0 else f"crc {hi << 16 | lo:08x}")
-                         for i, (hi, lo) in enumerate(everyone.tolist()))
+    digests = _digests_everywhere(digest)
+    if len(set(digests)) > 1:
+        seen = ", ".join(f"process {i}: " + ("no file" if d < 0 else f"crc {d:08x}")
+                         for i, d in enumerate(digests))
         raise ValueError(f"checkpoint {path!r}: the processes of this run read different files "
                          f"({seen}). Every process must read the file process 0 wrote: put it "
                          f"on a file system they share, or copy it to each host.")
+
+
+def _check_same_data_everywhere(sets: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """On several processes: a ValueError unless every process passed fit the same data (each
+    puts only its own devices' rows of every batch on them, so other data would mix silently)."""
+    if jax.process_count() == 1:
+        return
+    for name, arrays in sets.items():
+        digest = 0
+        for a in arrays:
+            digest = zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"), digest)
+        digests = _digests_everywhere(digest)
+        if len(set(digests)) > 1:
+            seen = ", ".join(f"process {i}: crc {d:08x}" for i, d in enumerate(digests))
+            raise ValueError(f"fit: the processes of this run were given different {name} "
+                             f"({seen}). Every process passes the same global data set; each "
+                             f"puts only its own devices' rows of every batch on them.")
+
+
+def _digests_everywhere(digest: int) -> list[int]:
+    """Every process's 32-bit ``digest`` (-1 for none), in process order."""
+    mine = np.array([digest >> 16, digest & 0xFFFF] if digest >= 0 else [-1, -1], np.int32)
+    everyone = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
+    return [-1 if hi < 0 else hi << 16 | lo for hi, lo in everyone.tolist()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -747,6 +770,8 @@ def fit(apply_fn: ApplyFn, params: Any, net_state: Any, optimizer: optax.Gradien
     fingerprint = _fingerprint(key, n, batch_size, state.best_val_acc.shape[0], reg)
     # Under fit's own (auto-axes) mesh, whatever mesh the caller has set.
     with contextlib.nullcontext() if mesh is None else _use(mesh):
+        if mesh is not None:
+            _check_same_data_everywhere(sets)
         if resume is not None:
             state = restore_train_state(resume, state, fingerprint, devices=devices)
         if mesh is not None:  # on the mesh from the start, so the epoch compiles once

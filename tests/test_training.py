@@ -378,3 +378,24 @@ def test_progress_bar_comes_from_process_zero_only(monkeypatch):
     assert training._progress(True, 2, "demo") is not None
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     assert training._progress(True, 2, "demo") is None
+
+
+def test_processes_that_disagree_on_data_or_checkpoint_are_refused(tmp_path, monkeypatch):
+    """On several processes every one must pass the same data and read the same checkpoint; a
+    second process is simulated here (the digests it would report), the real two-process runs
+    are in tests/test_multiprocess.py."""
+    path, data, kwargs = _checkpointed_run(tmp_path)
+    params, state = _model("batchnorm")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(training.multihost_utils, "process_allgather",
+                        lambda mine: np.stack([mine, mine ^ 1]))  # process 1: another digest
+    with pytest.raises(ValueError, match=r"given different train_data \(process 0: crc "
+                                         r"[0-9a-f]{8}, process 1: crc [0-9a-f]{8}\)\. Every "
+                                         r"process passes the same global data"):
+        training.fit(nets.apply_mlp, params, state, optax.adam(1e-3), data,
+                     **{**kwargs, "mesh": jax.make_mesh((1,), ("data",))})
+    monkeypatch.setattr(training.multihost_utils, "process_allgather",
+                        lambda mine: np.stack([mine, np.full_like(mine, -1)]))  # no file there
+    with pytest.raises(ValueError, match=r"read different files \(process 0: crc [0-9a-f]{8}, "
+                                         r"process 1: no file\)\. .*a file system they share"):
+        _resume(path, data, kwargs)
