@@ -28,9 +28,10 @@ Example (each device normalizes its own rows, on purpose; no warning):
   ...     lambda x: jaxbn.batch_norm(x, jnp.ones(3), jnp.zeros(3), state, train=True,
   ...                                axis_name=jaxbn.LOCAL)[0],
   ...     mesh=mesh, in_specs=P("data"), out_specs=P("data"))
-  >>> x = jax.device_put(jnp.arange(24.0).reshape(8, 3), NamedSharding(mesh, P("data")))
-  >>> jax.jit(per_device)(x).shape
-  (8, 3)
+  >>> rows = 2 * jax.device_count()  # two per device
+  >>> x = jax.device_put(jnp.arange(3.0 * rows).reshape(rows, 3), NamedSharding(mesh, P("data")))
+  >>> jax.jit(per_device)(x).shape == (rows, 3)
+  True
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 import jaxbn
 from jaxbn import _parallel
 
-MESH = jax.make_mesh((1,), ("data",))
+MESH = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
 X = jax.device_put(jax.random.normal(jax.random.key(0), (8, 3), jnp.float32) * 2 + 1,
                    NamedSharding(MESH, P("data")))
 IMAGES = jax.device_put(jax.random.normal(jax.random.key(1), (4, 3, 2, 2), jnp.float32),

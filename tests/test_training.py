@@ -358,7 +358,7 @@ def test_a_one_device_mesh_gives_the_same_bits_as_no_mesh(tmp_path):
     params, state = _model("batchnorm", dropout_rate=0.2)
     kwargs = dict(key=jax.random.key(3), epochs=2, batch_size=10, val_data=_data(13, seed=2),
                   progress=False)
-    mesh = jax.make_mesh((1,), ("data",))
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
     plain = training.fit(nets.apply_mlp, params, state, optax.adam(1e-3), (x, y), **kwargs)
     meshed = training.fit(nets.apply_mlp, params, state, optax.adam(1e-3), (x, y), mesh=mesh,
                           checkpoint=tmp_path / "run.ckpt", **kwargs)
@@ -392,8 +392,9 @@ def test_processes_that_disagree_on_data_or_checkpoint_are_refused(tmp_path, mon
     with pytest.raises(ValueError, match=r"given different train_data \(process 0: crc "
                                          r"[0-9a-f]{8}, process 1: crc [0-9a-f]{8}\)\. Every "
                                          r"process passes the same global data"):
+        mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
         training.fit(nets.apply_mlp, params, state, optax.adam(1e-3), data,
-                     **{**kwargs, "mesh": jax.make_mesh((1,), ("data",))})
+                     **{**kwargs, "mesh": mesh})
     monkeypatch.setattr(training.multihost_utils, "process_allgather",
                         lambda mine: np.stack([mine, np.full_like(mine, -1)]))  # no file there
     with pytest.raises(ValueError, match=r"read different files \(process 0: crc [0-9a-f]{8}, "
