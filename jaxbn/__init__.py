@@ -13,8 +13,10 @@ from jaxbn._dropout import dropout
 from jaxbn._inference import fold_batch_norm, recompute_batch_stats
 from jaxbn._layer_norm import group_norm, layer_norm
 from jaxbn._native import native_status
+from jaxbn._parallel import LOCAL
 
 __all__ = [
+    "LOCAL",
     "BatchNormState",
     "batch_norm",
     "dropout",

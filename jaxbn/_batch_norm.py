@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxbn import _checks, _layout, _renorm
+from jaxbn import _checks, _layout, _parallel, _renorm
 from jaxbn._layout import Layout, check_image_layout, layout
 from jaxbn._normalize import BACKWARDS, configure, normalize, normalize_with
 from jaxbn._rules import AxisGroups, Config, psum
@@ -95,6 +95,9 @@ def batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None,
         ``jax.shard_map``, ``jax.pmap``) whose slices form one global batch (synchronized batch
         norm): the statistics, and the backward's per-feature sums, are reduced across them with
         ``lax.psum``. The "fewer than 2 values" check counts the global batch.
+        ``jaxbn.LOCAL``: each device's own statistics on purpose (``None`` computes the same but
+        warns once under ``jax.shard_map`` when ``x`` varies over mesh axes; see
+        :mod:`jaxbn._parallel`).
       mask: boolean array of ``x``'s shape without the feature axis (size 1 broadcasts): only the
         ``True`` entries enter the statistics and the running-statistics update, count-weighted
         across ``axis_name``. The mask selects: ``False`` entries are padding, whatever they hold
@@ -347,6 +350,7 @@ def _check_batch_size(p: Prepared) -> None:
 
 def _batch_norm(x, gamma, beta, state, lay, *, train, **options):
     _checks.check_train(train)
+    options["axis_name"] = _parallel.resolve_axis_name(x, options["axis_name"], train=train)
     p = prepare(x, gamma, beta, state, lay, **options)
     if not train:
         mean, var = (a.reshape(lay.param_view) for a in (p.state.mean, p.state.var))

@@ -10,22 +10,38 @@
   (:func:`record_epoch`), and checkpoints (:func:`save_train_state`/:func:`restore_train_state`
   on :func:`save_checkpoint`/:func:`load_checkpoint`).
 
+Data parallelism: ``mesh=`` (a ``jax.sharding.Mesh``, on one process or spanning several started
+with ``jax.distributed.initialize``) on :func:`fit`, :func:`make_train_step`, :func:`make_epoch` and
+:func:`make_predict` splits every batch along its first axis over all of the mesh's devices and
+replicates the parameters, the network state and the optimizer state. The step stays
+``jax.jit`` of the one-device step, with sharded inputs: XLA's partitioner turns batch norm's
+reductions (and the loss's mean) into all-reduces, so the statistics are those of the global
+batch, no input is gathered onto one device, and dropout draws the same mask as on one device
+(JAX's partitionable threefry). The numbers are the one-device run's up to float32 reassociation.
+Every process passes the same global data; each transfers only its own devices' rows
+(:func:`shard_batch`). Progress bars come from process 0 only.
+
 Checkpoints never execute code on load: the arrays are stored in a ``.npz`` archive read with
 ``allow_pickle=False``, the rest is JSON, and the arrays are poured back into the pytree structure
 that the resuming run builds itself. A file that is truncated, damaged, from another checkpoint
 format, or whose tree or shapes differ from the run's raises a ``ValueError`` naming the file.
+On several processes, process 0 alone writes (atomically) and the others wait until the file is
+in place; every process reads it back to resume and checks that they all read the same bytes.
 
 Shapes: ``M`` stacked models, ``N`` training examples, ``B`` batch size, ``K`` classes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import sys
 import tempfile
+import warnings
 import zipfile
+import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -33,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxbn import _checks
 from jaxbn._losses import l2_penalty, softmax_cross_entropy
@@ -45,12 +63,12 @@ _META = "__meta__.json"
 
 __all__ = ["make_train_step", "fit", "FitResult", "TrainState", "init_train_state", "make_epoch",
            "make_predict", "evaluate", "record_epoch", "save_checkpoint", "load_checkpoint",
-           "save_train_state", "restore_train_state"]
+           "save_train_state", "restore_train_state", "shard_batch"]
 
 
 def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, *,
                     reg: float = 0.0, loss_fn: LossFn = softmax_cross_entropy,
-                    jit: bool = True) -> Callable:
+                    jit: bool = True, mesh: Mesh | None = None) -> Callable:
     """Returns ``step(params, net_state, opt_state, batch, key)``.
 
     The loss is ``loss_fn(scores, y)`` on ``apply_fn(params, net_state, x, train=True, key=key)``
@@ -63,6 +81,10 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
       reg: L2 regularization strength.
       loss_fn: ``(scores, labels) -> scalar``; the mean softmax cross-entropy by default.
       jit: return the step jitted (True) or plain, to compose with ``vmap``/``scan`` yourself.
+      mesh: data parallelism (see the module docstring): the step jitted with ``batch`` split
+        along its first axis over all of the mesh's devices and everything else replicated, in
+        and out; ``B`` must be a multiple of the device count. On several processes pass the
+        batch through :func:`shard_batch` (numpy inputs must be whole on one process).
     """
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"optimizer must be an optax.GradientTransformation (e.g. "
@@ -84,7 +106,15 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
         metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(scores, -1) == y)}
         return params, new_state, opt_state, metrics
 
-    return jax.jit(step) if jit else step
+    if mesh is None:
+        return jax.jit(step) if jit else step
+    if not jit:
+        raise ValueError("mesh= lays out the jitted step's inputs and outputs on the mesh, so it "
+                         "needs jit=True; to compose the plain step yourself, pass mesh=None.")
+    given, mesh = mesh, _check_mesh(mesh)
+    whole, split = _replicated(mesh), _split(mesh)
+    return _OnMesh(jax.jit(step, in_shardings=(whole, whole, whole, split, whole),
+                           out_shardings=whole), mesh, given)
 
 
 class TrainState(NamedTuple):
@@ -126,39 +156,88 @@ def init_train_state(params: Any, net_state: Any,
 
 
 def make_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, *, num_examples: int,
-               batch_size: int, reg: float = 0.0, loss_fn: LossFn = softmax_cross_entropy):
+               batch_size: int, reg: float = 0.0, loss_fn: LossFn = softmax_cross_entropy,
+               mesh: Mesh | None = None):
     """Returns the jitted ``epoch(params, net_state, opt_state, x, y, epoch_key)`` for stacked
     models, ending ``(params, net_state, opt_state, losses)`` with ``losses`` ``(steps, M)``.
 
     The permutation comes from ``fold_in(epoch_key, 0)`` and step ``i``'s dropout key is
     ``fold_in(epoch_key, i + 1)``; ``N // B`` steps (the remainder is dropped, so every step has
     one shape) run as one ``lax.scan`` of the step vmapped over the models.
+
+    With ``mesh`` (data parallelism, see the module docstring) ``x``, ``y`` are the whole
+    training set on every process's host: the same permutation is drawn, each process puts its
+    devices' rows of the epoch's batches on them, and the scan runs on the mesh. ``B`` must be a
+    multiple of the mesh's device count.
     """
     step = make_train_step(apply_fn, optimizer, reg=reg, loss_fn=loss_fn, jit=False)
     batched_step = jax.vmap(step, in_axes=(0, 0, 0, None, None))
     num_batches = num_examples // batch_size
 
-    @jax.jit
-    def epoch(params, net_state, opt_state, x, y, epoch_key):
-        order = jax.random.permutation(jax.random.fold_in(epoch_key, 0), num_examples)
-        order = order[:num_batches * batch_size].reshape(num_batches, batch_size)
-
+    def scan_steps(carry, inputs, fetch, epoch_key):
         def body(carry, inputs):
-            idx, i = inputs
-            carry = batched_step(*carry, (x[idx], y[idx]), jax.random.fold_in(epoch_key, i + 1))
+            *data, i = inputs
+            carry = batched_step(*carry, fetch(*data), jax.random.fold_in(epoch_key, i + 1))
             return carry[:3], carry[3]["loss"]
 
-        carry, losses = jax.lax.scan(body, (params, net_state, opt_state),
-                                     (order, jnp.arange(num_batches)))
+        carry, losses = jax.lax.scan(body, carry, (*inputs, jnp.arange(num_batches)))
         return (*carry, losses)
 
-    return epoch
+    if mesh is None:
+        @jax.jit
+        def epoch(params, net_state, opt_state, x, y, epoch_key):
+            order = _epoch_order(epoch_key, num_examples, batch_size)
+            return scan_steps((params, net_state, opt_state), (order,),
+                              lambda idx: (x[idx], y[idx]), epoch_key)
+
+        return epoch
+    mesh = _check_mesh(mesh)
+    _check_divisible("batch_size", batch_size, mesh)
+    whole, split = _replicated(mesh), _split(mesh, axis=1)  # batches (steps, B, ...)
+    draw = jax.jit(_epoch_order, static_argnums=(1, 2))
+    scan = jax.jit(lambda carry, xs, ys, key: scan_steps(carry, (xs, ys), lambda *b: b, key),
+                   in_shardings=(whole, split, split, whole), out_shardings=whole)
+
+    def inputs(params, net_state, opt_state, x, y, epoch_key):
+        order = np.asarray(draw(epoch_key, num_examples, batch_size))
+        xs, ys = (_gather_rows(np.asarray(a), order, split) for a in (x, y))
+        return (params, net_state, opt_state), xs, ys, epoch_key
+
+    return _OnMesh(scan, mesh, prepare=inputs)
 
 
-def make_predict(apply_fn: ApplyFn) -> Callable:
-    """Returns jitted ``predict(params, net_state, x) -> (M, N)`` class indices in test mode."""
-    return jax.jit(lambda params, net_state, x: jax.vmap(
-        lambda p, s: jnp.argmax(apply_fn(p, s, x, train=False)[0], -1))(params, net_state))
+def _epoch_order(epoch_key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
+    """The epoch's minibatches as example indices, ``(N // B, B)``."""
+    num_batches = num_examples // batch_size
+    order = jax.random.permutation(jax.random.fold_in(epoch_key, 0), num_examples)
+    return order[:num_batches * batch_size].reshape(num_batches, batch_size)
+
+
+def make_predict(apply_fn: ApplyFn, *, mesh: Mesh | None = None) -> Callable:
+    """Returns jitted ``predict(params, net_state, x) -> (M, N)`` class indices in test mode.
+
+    With ``mesh``, ``x`` (host data, the same on every process) is split over the mesh's devices
+    (zero-padded to a multiple of their count: in test mode each example's scores are its own)
+    and the predictions come back whole to every process, as a numpy array.
+    """
+    def predict(params, net_state, x):
+        return jax.vmap(lambda p, s: jnp.argmax(apply_fn(p, s, x, train=False)[0], -1))(
+            params, net_state)
+
+    if mesh is None:
+        return jax.jit(predict)
+    mesh = _check_mesh(mesh)
+    whole = _replicated(mesh)
+    sharded = _OnMesh(jax.jit(predict, in_shardings=(whole, whole, _split(mesh)),
+                              out_shardings=whole), mesh)
+
+    def predict_on_mesh(params, net_state, x):
+        x = np.asarray(x)
+        padding = np.zeros((-x.shape[0] % mesh.size, *x.shape[1:]), x.dtype)
+        padded = sharded(params, net_state, shard_batch(np.concatenate([x, padding]), mesh))
+        return np.asarray(padded)[:, :x.shape[0]]
+
+    return predict_on_mesh
 
 
 def evaluate(predict: Callable, params: Any, net_state: Any, x: Any, y: Any,
@@ -166,8 +245,8 @@ def evaluate(predict: Callable, params: Any, net_state: Any, x: Any, y: Any,
     """Accuracy ``(M,)`` of stacked models on ``(x, y)``, in batches of ``batch_size``."""
     correct = 0
     for start in range(0, x.shape[0], batch_size):
-        pred = predict(params, net_state, x[start:start + batch_size])
-        correct = correct + np.asarray(jnp.sum(pred == y[start:start + batch_size], axis=-1))
+        pred = np.asarray(predict(params, net_state, x[start:start + batch_size]))
+        correct = correct + np.sum(pred == np.asarray(y[start:start + batch_size]), axis=-1)
     return np.asarray(correct / x.shape[0], np.float64)
 
 
@@ -176,18 +255,164 @@ def record_epoch(state: TrainState, params: Any, net_state: Any, opt_state: Any,
     """The state after one more epoch: histories appended, and each model's best parameters
     replaced where its validation accuracy improved (strictly)."""
     improved = jnp.asarray(val_acc) > state.best_val_acc
-
-    def pick(new, old):
-        return jnp.where(improved.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-
+    best_params, best_net_state = _pick_improved(improved, (params, net_state),
+                                                 (state.best_params, state.best_net_state))
     history = {"loss": np.concatenate([state.history["loss"], np.asarray(losses)]),
                "train_acc": np.concatenate([state.history["train_acc"], train_acc[None]]),
                "val_acc": np.concatenate([state.history["val_acc"], val_acc[None]])}
-    return TrainState(params, net_state, opt_state,
-                      jax.tree.map(pick, params, state.best_params),
-                      jax.tree.map(pick, net_state, state.best_net_state),
+    return TrainState(params, net_state, opt_state, best_params, best_net_state,
                       jnp.where(improved, jnp.asarray(val_acc), state.best_val_acc),
                       history, state.epoch + 1)
+
+
+@jax.jit
+def _pick_improved(improved: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` for the models that improved, ``old`` for the others (one compiled selection)."""
+    def pick(a, b):
+        return jnp.where(improved.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+
+    return jax.tree.map(pick, new, old)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallelism: every batch split over all of a mesh's devices, everything else replicated.
+
+
+def _check_mesh(mesh: Any) -> Mesh:
+    """The mesh, with auto axes: the step lays out its arrays itself, and under explicit axes
+    every operation of the user's ``apply_fn`` would have to type-check its shardings."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, e.g. jax.make_mesh("
+                        f"(jax.device_count(),), ('data',)); got {type(mesh).__name__}.")
+    auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+    if tuple(getattr(mesh, "axis_types", auto)) != auto:
+        mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+    return mesh
+
+
+def _use(mesh: Mesh) -> Any:
+    """A context that makes ``mesh`` the current one (``jax.set_mesh``; JAX 0.7 spells it
+    ``jax.sharding.use_mesh``)."""
+    set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh  # type: ignore[attr-defined]
+    return set_mesh(mesh)
+
+
+class _OnMesh:
+    """A jitted function called and lowered under its own (auto-axes) mesh, so that a mesh the
+    caller has set (explicit axes, ``jax.set_mesh``) does not leak into its tracing. Arrays on
+    another mesh of the same devices (the caller's) come in onto this one and go back out onto
+    ``given``; ``prepare`` turns the caller's arguments into the jitted function's."""
+
+    def __init__(self, jitted: Any, mesh: Mesh, given: Mesh | None = None,
+                 prepare: Callable | None = None):
+        self._jitted, self._mesh, self._given = jitted, mesh, given
+        self._prepare = prepare or (lambda *args: args)
+
+    def __call__(self, *args):
+        with _use(self._mesh):
+            out = self._jitted(*_move(self._prepare(*args), self._mesh))
+        return out if self._given in (None, self._mesh) else _move(out, self._given)
+
+    def lower(self, *args):
+        """As a jitted function's ``lower``: for the compiled program's text and shardings."""
+        with _use(self._mesh):
+            return self._jitted.lower(*_move(self._prepare(*args), self._mesh))
+
+
+def _move(tree: Any, mesh: Mesh) -> Any:
+    """Every array laid out on another mesh (of the same devices) laid out alike on ``mesh``."""
+    def move(a):
+        sharding = getattr(a, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh != mesh:
+            return jax.device_put(a, NamedSharding(mesh, sharding.spec))
+        return a
+
+    return jax.tree.map(move, tree)
+
+
+def _replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _split(mesh: Mesh, axis: int = 0) -> NamedSharding:
+    """Array axis ``axis`` split over all of the mesh's axes together, the others whole."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * axis), tuple(mesh.axis_names)))
+
+
+def _check_divisible(name: str, size: int, mesh: Mesh) -> None:
+    if size % mesh.size:
+        raise ValueError(f"{name} must be a multiple of the mesh's {mesh.size} devices (each "
+                         f"device takes an equal share of every batch); got {size}.")
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Places a global batch on ``mesh``, every leaf split along its first axis over all of the
+    mesh's devices (the layout ``mesh=`` steps take).
+
+    Every process passes the same global batch (host arrays); each transfers only the rows of its
+    own devices (``jax.make_array_from_callback``). Arrays that already span several processes
+    are resharded as they are.
+
+    Raises:
+      ValueError: a leaf whose first axis is not a multiple of the mesh's device count.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> from jaxbn import training
+      >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+      >>> x, y = training.shard_batch((np.ones((8, 3), np.float32), np.zeros(8, np.int32)), mesh)
+      >>> x.shape, len(x.sharding.device_set) == jax.device_count()
+      ((8, 3), True)
+    """
+    mesh = _check_mesh(mesh)
+    sharding = _split(mesh)
+
+    def place(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return jax.device_put(a, sharding)
+        a = np.asarray(a)
+        if a.ndim == 0:
+            raise ValueError("shard_batch splits every array along its first axis (examples); "
+                             "got a scalar.")
+        _check_divisible("the batch size", a.shape[0], mesh)
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    return jax.tree.map(place, batch)
+
+
+def _replicate(a: Any, mesh: Mesh) -> jax.Array:
+    """``a`` (the same on every process) whole on every device of the mesh."""
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, _replicated(mesh), lambda index: a[index])
+
+
+def _fresh_key(key: jax.Array) -> jax.Array:
+    """The same key, made anew from its bits here (not tied to a mesh the caller had set)."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(jnp.asarray(np.asarray(jax.random.key_data(key))),
+                                        impl=jax.random.key_impl(key))
+    return jnp.asarray(np.asarray(key))
+
+
+def _gather_rows(a: np.ndarray, order: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """``a[order]`` as a global array of shape ``order.shape + a.shape[1:]``; each process
+    gathers only the rows its own devices hold."""
+    def rows(index):
+        return a[order[index[:order.ndim]]][(slice(None),) * order.ndim + index[order.ndim:]]
+
+    return jax.make_array_from_callback(order.shape + a.shape[1:], sharding, rows)
+
+
+def _lost_peer_error(error: Exception, epoch: int, checkpoint: Any) -> RuntimeError:
+    """What a process of a multi-process run says when a collective with the others failed."""
+    how = (f"restart every process with fit(..., resume={os.fspath(checkpoint)!r}) to continue "
+           f"from the last checkpoint, bit-identically" if checkpoint is not None else
+           "no checkpoint= was given, so a restart begins from scratch")
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return RuntimeError(
+        f"fit: process {jax.process_index()} of {jax.process_count()} lost contact with the "
+        f"others in epoch {epoch + 1} ({first_line}); another process has most likely died, so "
+        f"this one stops too. To go on, {how}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,8 +422,19 @@ def record_epoch(state: TrainState, params: Any, net_state: Any, opt_state: Any,
 def save_checkpoint(path: str | os.PathLike, tree: dict[str, Any],
                     metadata: dict[str, Any] | None = None) -> None:
     """Writes a dict of pytrees (and JSON-able ``metadata``) atomically: temporary file, fsync,
-    rename. A crash mid-write leaves the previous checkpoint at ``path`` intact."""
+    rename. A crash mid-write leaves the previous checkpoint at ``path`` intact.
+
+    On a run of several processes every process calls it (the arrays whole on each: replicated
+    or process-local); process 0 alone writes, and all return once the file is in place.
+    """
     path = os.fspath(path)
+    if jax.process_index() == 0:
+        _write_atomically(path, _archive(tree, metadata))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"jaxbn checkpoint {path}")
+
+
+def _archive(tree: dict[str, Any], metadata: dict[str, Any] | None) -> bytes:
     arrays, meta = {}, {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                         "metadata": metadata or {}, "trees": {}}
     for name, subtree in tree.items():
@@ -209,7 +445,7 @@ def save_checkpoint(path: str | os.PathLike, tree: dict[str, Any],
         arrays.update({f"{name}/{i}": a for i, a in enumerate(leaves)})
     buffer = io.BytesIO()
     np.savez(buffer, **arrays, **{_META: np.frombuffer(json.dumps(meta).encode(), np.uint8)})
-    _write_atomically(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def _write_atomically(path: str, data: bytes) -> None:
@@ -288,11 +524,13 @@ def load_checkpoint(path: str | os.PathLike, like: dict[str, Any]) -> tuple[dict
     return tree, meta["metadata"]
 
 
-def save_train_state(path: str | os.PathLike, state: TrainState, fingerprint: dict) -> None:
-    """Checkpoints a :class:`TrainState`; ``fingerprint`` (JSON) identifies the run's settings."""
+def save_train_state(path: str | os.PathLike, state: TrainState, fingerprint: dict, *,
+                     devices: int = 1) -> None:
+    """Checkpoints a :class:`TrainState`; ``fingerprint`` (JSON) identifies the run's settings,
+    ``devices`` is the number of devices the batch was split over."""
     history = {k: v.tolist() for k, v in state.history.items()}
     save_checkpoint(path, _arrays_of(state), {"epoch": state.epoch, "fingerprint": fingerprint,
-                                              "history": history})
+                                              "history": history, "devices": devices})
 
 
 def _arrays_of(state: TrainState) -> dict[str, Any]:
@@ -300,20 +538,77 @@ def _arrays_of(state: TrainState) -> dict[str, Any]:
     return {k: v for k, v in state._asdict().items() if k not in ("history", "epoch")}
 
 
-def restore_train_state(path: str | os.PathLike, like: TrainState,
-                        fingerprint: dict) -> TrainState:
+def restore_train_state(path: str | os.PathLike, like: TrainState, fingerprint: dict, *,
+                        devices: int = 1) -> TrainState:
     """The :class:`TrainState` saved at ``path``, poured into the structure of ``like`` (the state
-    the resuming run built); a ValueError if the checkpoint comes from another run's settings."""
+    the resuming run built); a ValueError if the checkpoint comes from another run's settings.
+
+    On several processes every process reads the file, after checking that all of them see the
+    same bytes. A checkpoint written with the batch split over another number of devices than
+    ``devices`` resumes from the same state with a warning: the sums of each step are then split
+    differently, so the numbers may differ from an uninterrupted run in the last bits.
+    """
+    path = os.fspath(path)
+    _check_same_file_everywhere(path)
     tree, meta = load_checkpoint(path, _arrays_of(like))
     if meta.get("fingerprint") != fingerprint:
-        raise ValueError(f"checkpoint {os.fspath(path)!r} was written by a run with other data, "
+        raise ValueError(f"checkpoint {path!r} was written by a run with other data, "
                          f"batch size, model count, key or reg: {meta.get('fingerprint')} vs "
                          f"{fingerprint}.")
+    saved_devices = meta.get("devices", 1)
+    if saved_devices != devices:
+        warnings.warn(f"checkpoint {path!r} was written by a run on {saved_devices} device(s); "
+                      f"this one has {devices}. It resumes from the same state, but each step's "
+                      f"sums are split differently over the devices, so the numbers may differ "
+                      f"from an uninterrupted run in the last bits.", UserWarning, stacklevel=3)
     num_models = like.best_val_acc.shape[0]
     history = {k: np.asarray(v, np.float64).reshape(-1, num_models)
                for k, v in meta["history"].items()}
     history["loss"] = history["loss"].astype(np.float32)
     return TrainState(**tree, history=history, epoch=int(meta["epoch"]))
+
+
+def _check_same_file_everywhere(path: str) -> None:
+    """On several processes: a ValueError unless every process reads the same file at ``path``
+    (on several hosts it must be on a shared file system, or copied from process 0's)."""
+    if jax.process_count() == 1:
+        return
+    try:
+        with open(path, "rb") as f:
+            digest = zlib.crc32(f.read())
+    except OSError:
+        digest = -1  # missing or unreadable here
+    digests = _digests_everywhere(digest)
+    if len(set(digests)) > 1:
+        seen = ", ".join(f"process {i}: " + ("no file" if d < 0 else f"crc {d:08x}")
+                         for i, d in enumerate(digests))
+        raise ValueError(f"checkpoint {path!r}: the processes of this run read different files "
+                         f"({seen}). Every process must read the file process 0 wrote: put it "
+                         f"on a file system they share, or copy it to each host.")
+
+
+def _check_same_data_everywhere(sets: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """On several processes: a ValueError unless every process passed fit the same data (each
+    puts only its own devices' rows of every batch on them, so other data would mix silently)."""
+    if jax.process_count() == 1:
+        return
+    for name, arrays in sets.items():
+        digest = 0
+        for a in arrays:
+            digest = zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"), digest)
+        digests = _digests_everywhere(digest)
+        if len(set(digests)) > 1:
+            seen = ", ".join(f"process {i}: crc {d:08x}" for i, d in enumerate(digests))
+            raise ValueError(f"fit: the processes of this run were given different {name} "
+                             f"({seen}). Every process passes the same global data set; each "
+                             f"puts only its own devices' rows of every batch on them.")
+
+
+def _digests_everywhere(digest: int) -> list[int]:
+    """Every process's 32-bit ``digest`` (-1 for none), in process order."""
+    mine = np.array([digest >> 16, digest & 0xFFFF] if digest >= 0 else [-1, -1], np.int32)
+    everyone = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
+    return [-1 if hi < 0 else hi << 16 | lo for hi, lo in everyone.tolist()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,6 +672,8 @@ def _fingerprint(key, num_examples, batch_size, num_models, reg) -> dict:
 
 
 def _progress(enabled: bool | None, total: int, desc: str | None, initial: int = 0):
+    if jax.process_index() != 0:  # one bar for a run of several processes
+        return None
     if enabled is None:
         enabled = sys.stderr.isatty()
     if not enabled:
@@ -410,7 +707,7 @@ def fit(apply_fn: ApplyFn, params: Any, net_state: Any, optimizer: optax.Gradien
         eval_batch_size: int = 1000, stacked: bool = False, progress: bool | None = None,
         desc: str | None = None, checkpoint: str | os.PathLike | None = None,
         checkpoint_every: int = 1, resume: str | os.PathLike | None = None,
-        loss_fn: LossFn = softmax_cross_entropy) -> FitResult:
+        loss_fn: LossFn = softmax_cross_entropy, mesh: Mesh | None = None) -> FitResult:
     """Trains ``apply_fn``'s model with ``optimizer`` over epochs of shuffled minibatches.
 
     Epoch ``e`` runs :func:`make_epoch`'s jitted scan with key ``fold_in(key, e)``. After each
@@ -430,46 +727,78 @@ def fit(apply_fn: ApplyFn, params: Any, net_state: Any, optimizer: optax.Gradien
         used when absent).
       stacked: params/state carry a leading axis of independent models trained together with
         ``jax.vmap`` on the same minibatches; histories then have a trailing model axis.
-      progress: tqdm bar; None (default) shows it when stderr is a terminal.
+      progress: tqdm bar (process 0's only); None (default) shows it when stderr is a terminal.
       checkpoint: path of a checkpoint written atomically every ``checkpoint_every`` epochs and
-        after the last one (no pickle: see the module docstring).
+        after the last one (no pickle: see the module docstring; process 0 writes it).
       resume: path of a checkpoint to continue from; the result is bit-identical to a run that was
-        never interrupted.
+        never interrupted, on the same number of devices (on another, a warning says that the
+        last bits may differ).
       loss_fn: ``(scores, labels) -> loss``, softmax cross-entropy by default.
+      mesh: a ``jax.sharding.Mesh`` to train data-parallel on (see the module docstring): every
+        batch split over all of its devices (``batch_size`` a multiple of their count),
+        statistics and gradients of the global batch, state replicated; evaluation is split the
+        same way. On several processes (``jax.distributed.initialize``) every process calls fit
+        with the same arguments and data; if another process dies, the others raise a
+        RuntimeError that says how to resume. Works with ``stacked``.
 
     Returns:
       A :class:`FitResult`.
 
     Raises:
       TypeError/ValueError: malformed data, labels out of range, ``batch_size`` larger than the data
-      set, bad options, a checkpoint that is damaged or from another run, model or optimizer.
+      set (or not a multiple of the mesh's devices), bad options, a checkpoint that is damaged or
+      from another run, model or optimizer.
+      RuntimeError: on several processes, contact with another process was lost.
     """
     options = dict(epochs=epochs, batch_size=batch_size, checkpoint_every=checkpoint_every,
                    eval_batch_size=eval_batch_size)
     if not stacked:
         params, net_state = _stack(params), _stack(net_state)
     sets = _check_fit(apply_fn, params, net_state, train_data, val_data, options)
+    devices = 1
+    given_mesh = mesh
+    if mesh is not None:  # the data stays on the host: each epoch places its batches
+        mesh = _check_mesh(mesh)
+        devices = mesh.size
+        sets = {name: tuple(np.asarray(a) for a in data) for name, data in sets.items()}
     (x, y), n = sets["train_data"], sets["train_data"][0].shape[0]
     evaluation = [(x[:num_train_eval], y[:num_train_eval]), sets.get("val_data")]
     run_epoch = make_epoch(apply_fn, optimizer, num_examples=n, batch_size=batch_size, reg=reg,
-                           loss_fn=loss_fn)
-    predict = make_predict(apply_fn)
+                           loss_fn=loss_fn, mesh=mesh)
+    predict = make_predict(apply_fn, mesh=mesh)
     state = init_train_state(params, net_state, optimizer)
     fingerprint = _fingerprint(key, n, batch_size, state.best_val_acc.shape[0], reg)
-    if resume is not None:
-        state = restore_train_state(resume, state, fingerprint)
-    bar = _progress(progress, epochs, desc, initial=state.epoch)
-    try:
-        while state.epoch < epochs:
-            *trained, losses = run_epoch(*state[:3], x, y, jax.random.fold_in(key, state.epoch))
-            acc = [evaluate(predict, *trained[:2], *data, eval_batch_size)
-                   for data in evaluation if data is not None]
-            state = record_epoch(state, *trained, losses, acc[0], acc[-1])
-            _show(bar, state)
-            if checkpoint is not None and (state.epoch % checkpoint_every == 0
-                                           or state.epoch == epochs):
-                save_train_state(checkpoint, state, fingerprint)
-    finally:
-        if bar is not None:
-            bar.close()
-    return _result(state, stacked)
+    # Under fit's own (auto-axes) mesh, whatever mesh the caller has set.
+    with contextlib.nullcontext() if mesh is None else _use(mesh):
+        if mesh is not None:
+            _check_same_data_everywhere(sets)
+        if resume is not None:
+            state = restore_train_state(resume, state, fingerprint, devices=devices)
+        if mesh is not None:  # on the mesh from the start, so the epoch compiles once
+            state = state._replace(**jax.tree.map(lambda a: _replicate(a, mesh),
+                                                  _arrays_of(state)))
+            key = _fresh_key(key)
+        bar = _progress(progress, epochs, desc, initial=state.epoch)
+        try:
+            while state.epoch < epochs:
+                *trained, losses = run_epoch(*state[:3], x, y,
+                                             jax.random.fold_in(key, state.epoch))
+                acc = [evaluate(predict, *trained[:2], *data, eval_batch_size)
+                       for data in evaluation if data is not None]
+                state = record_epoch(state, *trained, losses, acc[0], acc[-1])
+                _show(bar, state)
+                if checkpoint is not None and (state.epoch % checkpoint_every == 0
+                                               or state.epoch == epochs):
+                    save_train_state(checkpoint, state, fingerprint, devices=devices)
+        except jax.errors.JaxRuntimeError as error:
+            if jax.process_count() == 1:
+                raise
+            raise _lost_peer_error(error, state.epoch, checkpoint) from error
+        finally:
+            if bar is not None:
+                bar.close()
+        result = _result(state, stacked)
+    if given_mesh is None:
+        return result
+    # On the caller's mesh (the histories are numpy: left out of the move).
+    return _move(result._replace(history={}), given_mesh)._replace(history=result.history)

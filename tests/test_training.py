@@ -1,10 +1,14 @@
-"""jaxbn.training: overfitting, resumption, atomic checkpoints, stacked models, bad input."""
+"""jaxbn.training: overfitting, resumption, atomic checkpoints, stacked models, bad input, and
+data parallelism (mesh=; the multi-process runs are in tests/test_multiprocess.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 import pickle
+import subprocess
+import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -333,3 +337,66 @@ def test_progress_bar_on_request_and_off_by_flag(capsys):
     assert capsys.readouterr().err == ""
     run(None)  # pytest's captured stderr is not a terminal: off
     assert capsys.readouterr().err == ""
+
+
+def test_data_parallel_training_on_four_devices():
+    """fit/make_train_step/make_epoch/Solver with mesh= against one device, no all-gather in the
+    compiled step, LOCAL vs global statistics, resuming on another device count (a subprocess:
+    the device count is set before JAX starts)."""
+    script = os.path.join(os.path.dirname(__file__), "multidevice_training_check.py")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "multi-device training checks passed" in proc.stdout
+
+
+def test_a_one_device_mesh_gives_the_same_bits_as_no_mesh(tmp_path):
+    """The mesh path draws the permutation and gathers the batches on the host: the same batches
+    as the jitted gather, so on one device the same bits; its checkpoint resumes without mesh."""
+    x, y = _data(40)
+    params, state = _model("batchnorm", dropout_rate=0.2)
+    kwargs = dict(key=jax.random.key(3), epochs=2, batch_size=10, val_data=_data(13, seed=2),
+                  progress=False)
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    plain = training.fit(nets.apply_mlp, params, state, optax.adam(1e-3), (x, y), **kwargs)
+    meshed = training.fit(nets.apply_mlp, params, state, optax.adam(1e-3), (x, y), mesh=mesh,
+                          checkpoint=tmp_path / "run.ckpt", **kwargs)
+    assert _equal_trees(plain.params, meshed.params)
+    assert _equal_trees(plain.net_state, meshed.net_state)
+    for k in plain.history:
+        np.testing.assert_array_equal(plain.history[k], meshed.history[k])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same device count: no warning
+        training.restore_train_state(
+            tmp_path / "run.ckpt", training.init_train_state(
+                training._stack(params), training._stack(state), optax.adam(1e-3)),
+            training._fingerprint(jax.random.key(3), 40, 10, 1, 0.0))
+
+
+def test_progress_bar_comes_from_process_zero_only(monkeypatch):
+    assert training._progress(True, 2, "demo") is not None
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert training._progress(True, 2, "demo") is None
+
+
+def test_processes_that_disagree_on_data_or_checkpoint_are_refused(tmp_path, monkeypatch):
+    """On several processes every one must pass the same data and read the same checkpoint; a
+    second process is simulated here (the digests it would report), the real two-process runs
+    are in tests/test_multiprocess.py."""
+    path, data, kwargs = _checkpointed_run(tmp_path)
+    params, state = _model("batchnorm")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(training.multihost_utils, "process_allgather",
+                        lambda mine: np.stack([mine, mine ^ 1]))  # process 1: another digest
+    with pytest.raises(ValueError, match=r"given different train_data \(process 0: crc "
+                                         r"[0-9a-f]{8}, process 1: crc [0-9a-f]{8}\)\. Every "
+                                         r"process passes the same global data"):
+        mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+        training.fit(nets.apply_mlp, params, state, optax.adam(1e-3), data,
+                     **{**kwargs, "mesh": mesh})
+    monkeypatch.setattr(training.multihost_utils, "process_allgather",
+                        lambda mine: np.stack([mine, np.full_like(mine, -1)]))  # no file there
+    with pytest.raises(ValueError, match=r"read different files \(process 0: crc [0-9a-f]{8}, "
+                                         r"process 1: no file\)\. .*a file system they share"):
+        _resume(path, data, kwargs)

@@ -11,10 +11,17 @@ pickle, plus JSON), not as pickles.
 
 For training written in JAX from the start, :func:`jaxbn.training.fit` is the functional
 counterpart (optax optimizers, a jitted epoch, bit-identical resume).
+
+``mesh=`` (a ``jax.sharding.Mesh``; not an assignment option) splits every minibatch over the
+mesh's devices before ``model.loss`` sees it (:func:`jaxbn.training.shard_batch`): a model whose
+loss is one jitted JAX computation, such as jaxbn's ``FullyConnectedNet``, then runs
+data-parallel, with batch norm over the whole minibatch. ``batch_size`` must be a multiple of the
+device count. On several processes only process 0 prints.
 """
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from jaxbn.cs231n import optim
@@ -23,7 +30,7 @@ __all__ = ["Solver"]
 
 _OPTIONS = {"update_rule": "sgd", "optim_config": None, "lr_decay": 1.0, "batch_size": 100,
             "num_epochs": 10, "num_train_samples": 1000, "num_val_samples": None,
-            "checkpoint_name": None, "print_every": 10, "verbose": True}
+            "checkpoint_name": None, "print_every": 10, "verbose": True, "mesh": None}
 
 
 class Solver:
@@ -40,7 +47,8 @@ class Solver:
       num_train_samples, num_val_samples: subsample sizes for the accuracy checks (None: all).
       checkpoint_name: write ``{checkpoint_name}_epoch_{e}.npz`` after each epoch.
       print_every: print the loss every this many iterations (when ``verbose``).
-      verbose: print progress.
+      verbose: print progress (process 0's only, on several processes).
+      mesh: a ``jax.sharding.Mesh`` to split every minibatch over (see the module docstring).
 
     Raises:
       ValueError: an unknown keyword argument or update rule.
@@ -76,6 +84,10 @@ class Solver:
         for name, default in _OPTIONS.items():
             setattr(self, name, kwargs.get(name, default))
         self.optim_config = dict(self.optim_config or {})
+        if self.mesh is not None:
+            from jaxbn.training import _check_divisible, _check_mesh
+
+            _check_divisible("batch_size", self.batch_size, _check_mesh(self.mesh))
         if isinstance(self.update_rule, str):
             if self.update_rule not in optim.__all__:
                 raise ValueError(f'Invalid update_rule "{self.update_rule}": use one of '
@@ -95,7 +107,12 @@ class Solver:
     def _step(self):
         """One minibatch (drawn with numpy's global RNG) and one update of every parameter."""
         idx = np.random.choice(self.X_train.shape[0], self.batch_size)
-        loss, grads = self.model.loss(self.X_train[idx], self.y_train[idx])
+        X_batch, y_batch = self.X_train[idx], self.y_train[idx]
+        if self.mesh is not None:
+            from jaxbn import training
+
+            X_batch, y_batch = training.shard_batch((X_batch, y_batch), self.mesh)
+        loss, grads = self.model.loss(X_batch, y_batch)
         self.loss_history.append(loss)
         for name, w in self.model.params.items():
             next_w, next_config = self.update_rule(w, grads[name], self.optim_configs[name])
@@ -130,7 +147,7 @@ class Solver:
         self.train_acc_history.append(train_acc)
         self.val_acc_history.append(val_acc)
         self._save_checkpoint()
-        if self.verbose:
+        if self.verbose and jax.process_index() == 0:
             print(f"(Epoch {self.epoch} / {self.num_epochs}) train acc: {train_acc:f}; "
                   f"val_acc: {val_acc:f}")
         if val_acc > self.best_val_acc:
@@ -143,7 +160,7 @@ class Solver:
         num_iterations = self.num_epochs * iterations_per_epoch
         for t in range(num_iterations):
             self._step()
-            if self.verbose and t % self.print_every == 0:
+            if self.verbose and t % self.print_every == 0 and jax.process_index() == 0:
                 print(f"(Iteration {t + 1} / {num_iterations}) loss: {self.loss_history[-1]:f}")
             epoch_end = (t + 1) % iterations_per_epoch == 0
             if epoch_end:
