@@ -71,6 +71,18 @@ def linen_dtypes(x: Any, params: tuple, dtype: Any) -> tuple[jax.Array, jnp.dtyp
     return x.astype(_checks.common_dtype(x.dtype, out)), out
 
 
+def updated_dtypes(mean, var, x_dtype: Any, dtype: Any, float32_reductions: bool = True):
+    """The running statistics cast to the dtypes Flax's update ``momentum * old + (1 -
+    momentum) * batch`` gives them: the old ones' promoted with the batch statistics' (computed
+    in ``dtype`` or x's, at least float32 unless ``float32_reductions`` is off; the variance
+    real), so float64 for float64 x and complex for complex x, as in Flax."""
+    stats = jnp.dtype(x_dtype if dtype is None else dtype)
+    if float32_reductions:
+        stats = _checks.stat_dtype(stats)
+    return (mean.astype(_checks.common_dtype(stats, mean.dtype)),
+            var.astype(_checks.common_dtype(_checks.real_dtype(stats), var.dtype)))
+
+
 def flax_batch_norm(x, scale, bias, mean, var, *, use_running_average: bool, axis: Any,
                     momentum: float, epsilon: float, axis_name: Any, axis_index_groups: Any,
                     mask: Any, **options) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -99,18 +111,17 @@ def flax_batch_norm(x, scale, bias, mean, var, *, use_running_average: bool, axi
     return y.reshape(shape), state.mean, state.var
 
 
-def flax_layer_norm(x, scale, bias, *, epsilon: float, reduction_axes: Any, feature_axes: Any,
-                    mask: Any = None, axis_name: Any = None, axis_index_groups: Any = None,
-                    backward: str = "alt") -> jax.Array:
-    """Flax's ``LayerNorm``: statistics over ``reduction_axes``, the parameters along
-    ``feature_axes`` (any axes of x), on jaxbn's :func:`~jaxbn._layer_norm.normalize_over`."""
-    reduced = canonical_axes("reduction_axes", reduction_axes, x.ndim)
-    features = canonical_axes("feature_axes", feature_axes, x.ndim)
+def flax_layer_norm(layer, x, scale, bias, mask: Any = None) -> jax.Array:
+    """Flax's ``LayerNorm`` (NNX or Linen ``layer``, whose fields it reads): statistics over
+    ``reduction_axes``, the parameters along ``feature_axes`` (any axes of x), on jaxbn's
+    :func:`~jaxbn._layer_norm.normalize_over`."""
+    reduced = canonical_axes("reduction_axes", layer.reduction_axes, x.ndim)
+    features = canonical_axes("feature_axes", layer.feature_axes, x.ndim)
     shape = tuple(x.shape[a] for a in features)
     scale, bias = (None if p is None else _params_in(p, shape) for p in (scale, bias))
-    return normalize_over(x, scale, bias, axes=reduced, param_axes=features, eps=epsilon,
-                          backward=backward, mask=flax_mask(mask, x.ndim), axis_name=axis_name,
-                          axis_index_groups=axis_index_groups)
+    return normalize_over(x, scale, bias, axes=reduced, param_axes=features, eps=layer.epsilon,
+                          backward=layer.backward, mask=flax_mask(mask, x.ndim),
+                          axis_name=layer.axis_name, axis_index_groups=layer.axis_index_groups)
 
 
 def _params_in(param, shape: tuple[int, ...]):
@@ -122,12 +133,12 @@ def _params_in(param, shape: tuple[int, ...]):
     return param.reshape(shape)
 
 
-def flax_group_norm(x, scale, bias, *, num_groups: int, epsilon: float, reduction_axes: Any,
-                    mask: Any = None, axis_name: Any = None, axis_index_groups: Any = None,
-                    backward: str = "alt") -> jax.Array:
-    """Flax's ``GroupNorm``: the channels last, split into ``num_groups`` groups, each group's
-    statistics over its channels and ``reduction_axes`` (which must include the last axis;
-    default every axis but the first), on :func:`~jaxbn._layer_norm.normalize_over`."""
+def flax_group_norm(layer, x, scale, bias, num_groups: int, mask: Any = None) -> jax.Array:
+    """Flax's ``GroupNorm`` (NNX or Linen ``layer``, whose fields it reads): the channels last,
+    split into ``num_groups`` groups, each group's statistics over its channels and
+    ``reduction_axes`` (which must include the last axis; default every axis but the first), on
+    :func:`~jaxbn._layer_norm.normalize_over`."""
+    reduction_axes = layer.reduction_axes
     if reduction_axes is None:
         reduction_axes = (*range(1, x.ndim - 1), -1)
     reduced = canonical_axes("reduction_axes", reduction_axes, x.ndim)
@@ -135,9 +146,9 @@ def flax_group_norm(x, scale, bias, *, num_groups: int, epsilon: float, reductio
         raise ValueError("The reduction axes must include the final dimension as this is "
                          "assumed to be the feature axis.")
     return normalize_over(x, scale, bias, axes=reduced[:-1], param_axes=x.ndim - 1,
-                          groups=num_groups, eps=epsilon, backward=backward,
-                          mask=flax_mask(mask, x.ndim), axis_name=axis_name,
-                          axis_index_groups=axis_index_groups)
+                          groups=num_groups, eps=layer.epsilon, backward=layer.backward,
+                          mask=flax_mask(mask, x.ndim), axis_name=layer.axis_name,
+                          axis_index_groups=layer.axis_index_groups)
 
 
 def require(module: str, extra: str) -> Any:

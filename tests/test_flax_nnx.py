@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -267,21 +265,20 @@ def test_a_batch_of_one_normalizes_to_the_bias_as_nnx():
     np.testing.assert_allclose(ours.var[...], flax_bn.var[...], rtol=1e-6)
 
 
-@pytest.mark.filterwarnings("ignore::numpy.exceptions.ComplexWarning")  # NNX's own cast
+@pytest.mark.filterwarnings("ignore::numpy.exceptions.ComplexWarning")  # NNX's own casts
+@pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_complex_input_as_nnx_promotes_and_stores_it():
-    """NNX promotes the parameters to complex and stores the real part of the complex running
-    mean in its float32 variable: so does jaxbn's layer (explicitly, without a warning)."""
+    """NNX promotes the parameters to complex and assigns the complex running mean to its
+    variable (Flax 0.12 keeps the real part in the float32 variable; 0.11 made it complex):
+    jaxbn's layer computes the same and assigns it the same way."""
     x = jax.lax.complex(rand(3, (8, 3), F32, 1.0, 1.0), rand(4, (8, 3), F32))
     flax_bn, ours = _pair("BatchNorm", 3, dtype=jnp.complex64)
     _random_params(flax_bn, 5), _random_params(ours, 5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        y_ours = ours(x)
-    y_flax = flax_bn(x)
+    y_ours, y_flax = ours(x), flax_bn(x)
     assert y_ours.dtype == y_flax.dtype == jnp.complex64
     np.testing.assert_allclose(y_ours, y_flax, rtol=1e-5, atol=1e-5)
     for stat in ("mean", "var"):
-        assert getattr(ours, stat).dtype == getattr(flax_bn, stat).dtype == F32
+        assert getattr(ours, stat).dtype == getattr(flax_bn, stat).dtype
         np.testing.assert_allclose(getattr(ours, stat)[...], getattr(flax_bn, stat)[...],
                                    rtol=1e-5, atol=1e-6)
     flax_bn.eval(), ours.eval()
@@ -369,9 +366,10 @@ def test_eval_shape_bridge_and_summary_as_nnx():
     x = rand(10, (4, 3), F32, 2.0, 1.0)
     abstract = nnx.eval_shape(lambda: jnnx.BatchNorm(3, rngs=nnx.Rngs(0)))
     assert isinstance(abstract, jnnx.BatchNorm)
-    shapes = lambda layer: jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(layer))
+    shapes = lambda layer: [(jax.tree_util.keystr(path), a.shape, a.dtype) for path, a in
+                            jax.tree_util.tree_flatten_with_path(nnx.state(layer))[0]]
     assert shapes(abstract) == shapes(nnx.eval_shape(lambda: nnx.BatchNorm(3, rngs=nnx.Rngs(0))))
-    assert len(jax.tree.leaves(shapes(abstract))) == 8  # scale, bias, mean, var: (3,) float32
+    assert len(shapes(abstract)) == 4  # scale, bias, mean, var: (3,) float32
     outs = []
     for linen_layers, nnx_layers in ((linen, nnx), (jlinen, jnnx)):
         wrapped = bridge.ToNNX(linen_layers.BatchNorm(use_running_average=False),

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 
-from jaxbn import _adapter, _checks
+from jaxbn import _adapter
 from jaxbn._dropout import dropout
 
 if TYPE_CHECKING:
@@ -31,18 +31,6 @@ __all__ = ["BatchNorm", "Dropout", "GroupNorm", "LayerNorm"]
 
 def _param(module, name: str, use: bool, init, shape) -> Any:
     return module.param(name, init, shape, module.param_dtype) if use else None
-
-
-def _updated(layer, x, mean, var) -> tuple[Any, Any]:
-    """The running statistics in the dtypes Linen's update ``momentum * old + (1 - momentum) *
-    batch`` gives them: the old ones' promoted with the batch statistics' (computed in ``dtype``
-    or x's, at least float32 unless ``force_float32_reductions=False``; the variance real), so
-    float64 for float64 x and a complex mean for complex x, as in Linen."""
-    stats = jnp.dtype(x.dtype if layer.dtype is None else layer.dtype)
-    if layer.force_float32_reductions:
-        stats = _checks.stat_dtype(stats)
-    return (mean.astype(_checks.common_dtype(stats, mean.dtype)),
-            var.astype(_checks.common_dtype(_checks.real_dtype(stats), var.dtype)))
 
 
 class BatchNorm(nn.BatchNorm):
@@ -75,8 +63,9 @@ class BatchNorm(nn.BatchNorm):
         scale = _param(self, "scale", self.use_scale, self.scale_init, shape)
         bias = _param(self, "bias", self.use_bias, self.bias_init, shape)
         mean, var = ra_mean.value, ra_var.value
-        if not frozen:
-            mean, var = _updated(self, x, mean, var)
+        if not frozen:  # the dtypes Linen's update gives them (float64 for float64 x, ...)
+            mean, var = _adapter.updated_dtypes(mean, var, x.dtype, self.dtype,
+                                                self.force_float32_reductions)
         x, out_dtype = _adapter.linen_dtypes(x, (scale, bias), self.dtype)
         initializing = self.is_initializing()
         y, mean, var = _adapter.flax_batch_norm(
@@ -114,13 +103,7 @@ class LayerNorm(nn.LayerNorm):
         scale = _param(self, "scale", self.use_scale, self.scale_init, shape)
         bias = _param(self, "bias", self.use_bias, self.bias_init, shape)
         x, out_dtype = _adapter.linen_dtypes(x, (scale, bias), self.dtype)
-        y = _adapter.flax_layer_norm(x, scale, bias, epsilon=self.epsilon,
-                                     reduction_axes=self.reduction_axes,
-                                     feature_axes=self.feature_axes, mask=mask,
-                                     axis_name=self.axis_name,
-                                     axis_index_groups=self.axis_index_groups,
-                                     backward=self.backward)
-        return y.astype(out_dtype)
+        return _adapter.flax_layer_norm(self, x, scale, bias, mask).astype(out_dtype)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -152,12 +135,7 @@ class GroupNorm(nn.GroupNorm):
         scale = _param(self, "scale", self.use_scale, self.scale_init, (channels,))
         bias = _param(self, "bias", self.use_bias, self.bias_init, (channels,))
         x, out_dtype = _adapter.linen_dtypes(x, (scale, bias), self.dtype)
-        y = _adapter.flax_group_norm(x, scale, bias, num_groups=groups, epsilon=self.epsilon,
-                                     reduction_axes=self.reduction_axes, mask=mask,
-                                     axis_name=self.axis_name,
-                                     axis_index_groups=self.axis_index_groups,
-                                     backward=self.backward)
-        return y.astype(out_dtype)
+        return _adapter.flax_group_norm(self, x, scale, bias, groups, mask).astype(out_dtype)
 
 
 class Dropout(nn.Dropout):

@@ -131,22 +131,19 @@ class BatchNorm(nnx.BatchNorm):
                        "BatchNorm", "bn")
         (x, _, _, scale, bias), out = _promoted(self, x, self.mean[...], self.var[...],
                                                 _value(self.scale), _value(self.bias))
+        mean, var = self.mean[...], self.var[...]
+        if not frozen:  # in the dtypes NNX's update gives them, then assigned as NNX assigns them
+            mean, var = _adapter.updated_dtypes(mean, var, x.dtype, self.dtype)
         y, mean, var = _adapter.flax_batch_norm(
-            x, scale, bias, self.mean[...], self.var[...], use_running_average=frozen,
+            x, scale, bias, mean, var, use_running_average=frozen,
             axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, mask=mask,
             backward=self.backward, running_var=self.running_var,
             virtual_batch_size=self.virtual_batch_size,
             renorm=dict(self.renorm) if isinstance(self.renorm, tuple) else self.renorm)
-        if not frozen:  # a complex mean keeps its real part in a real variable, as in NNX
-            self.mean[...] = _in_dtype(mean, self.mean.dtype)
-            self.var[...] = var.astype(self.var.dtype)
+        if not frozen:
+            self.mean[...], self.var[...] = mean, var
         return y.astype(out)
-
-
-def _in_dtype(a, dtype):
-    real = not jnp.issubdtype(dtype, jnp.complexfloating)
-    return (jnp.real(a) if real and jnp.iscomplexobj(a) else a).astype(dtype)
 
 
 class LayerNorm(nnx.LayerNorm):
@@ -169,13 +166,7 @@ class LayerNorm(nnx.LayerNorm):
 
     def __call__(self, x, *, mask=None):
         (x, scale, bias), out = _promoted(self, x, _value(self.scale), _value(self.bias))
-        y = _adapter.flax_layer_norm(x, scale, bias, epsilon=self.epsilon,
-                                     reduction_axes=self.reduction_axes,
-                                     feature_axes=self.feature_axes, mask=mask,
-                                     axis_name=self.axis_name,
-                                     axis_index_groups=self.axis_index_groups,
-                                     backward=self.backward)
-        return y.astype(out)
+        return _adapter.flax_layer_norm(self, x, scale, bias, mask).astype(out)
 
 
 class GroupNorm(nnx.GroupNorm):
@@ -200,12 +191,8 @@ class GroupNorm(nnx.GroupNorm):
 
     def __call__(self, x, *, mask=None):
         (x, scale, bias), out = _promoted(self, x, _value(self.scale), _value(self.bias))
-        y = _adapter.flax_group_norm(x, scale, bias, num_groups=self.num_groups,
-                                     epsilon=self.epsilon, reduction_axes=self.reduction_axes,
-                                     mask=mask, axis_name=self.axis_name,
-                                     axis_index_groups=self.axis_index_groups,
-                                     backward=self.backward)
-        return y.astype(out)
+        return _adapter.flax_group_norm(self, x, scale, bias, self.num_groups,
+                                        mask).astype(out)
 
 
 class Dropout(nnx.Dropout):
