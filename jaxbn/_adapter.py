@@ -1,11 +1,11 @@
 """Framework conventions mapped onto jaxbn's functions: the one place the adapters share.
 
 Flax names the feature axes (``axis``, ``feature_axes``), the reduction axes
-(``reduction_axes``) and masks of x's own shape; jaxbn names one feature axis, trailing
-normalized axes or an image layout, and masks over positions. The functions here translate the
-first into the second and call the public functions, so that :mod:`jaxbn.flax.nnx`,
-:mod:`jaxbn.flax.linen` and :mod:`jaxbn.equinox` hold only their framework's variable plumbing.
-None of this imports a framework.
+(``reduction_axes``), masks broadcastable to x and its dtype rules (``promote_dtype``, Linen's
+output ``dtype``); jaxbn names one feature axis, statistics and parameter axes, and masks of x's
+rank. The functions here translate the first into the second and call jaxbn's core, so that
+:mod:`jaxbn.flax.nnx`, :mod:`jaxbn.flax.linen` and :mod:`jaxbn.equinox` hold only their
+framework's variable plumbing. None of this imports a framework.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxbn import _checks
 from jaxbn._batch_norm import BatchNormState, batch_norm
-from jaxbn._layer_norm import group_norm, layer_norm
+from jaxbn._layer_norm import normalize_over
 
 
 def canonical_axes(name: str, axes: Any, ndim: int) -> tuple[int, ...]:
@@ -39,83 +39,116 @@ def _feature_axis(axis: Any, ndim: int) -> int:
     return axes[0]
 
 
-def position_mask(mask: Any, shape: tuple[int, ...], axis: int) -> jax.Array | None:
-    """A Flax mask (broadcastable to x) as jaxbn's: one flag per position, x's shape without
-    ``axis``. jaxbn masks positions (whole feature vectors), so the mask must not vary along it."""
+def flax_mask(mask: Any, ndim: int) -> jax.Array | None:
+    """A Flax mask (boolean, broadcastable to x) with x's rank: leading axes of size 1 added."""
     if mask is None:
         return None
     mask = _checks.check_bool_mask(mask)
-    if mask.ndim > len(shape):
-        raise ValueError(f"mask must broadcast to x's shape {shape}; got shape {mask.shape}.")
-    mask = mask.reshape((1,) * (len(shape) - mask.ndim) + mask.shape)
-    if mask.shape[axis] != 1:
-        raise ValueError(f"mask must have size 1 along the feature axis {axis} (jaxbn masks "
-                         f"positions: a position is in the statistics for every feature or for "
-                         f"none); got shape {mask.shape} for x of shape {shape}.")
-    return jnp.squeeze(mask, axis)
+    if mask.ndim > ndim:
+        raise ValueError(f"mask must broadcast to x (rank {ndim}); got shape {mask.shape}.")
+    return mask.reshape((1,) * (ndim - mask.ndim) + mask.shape)
+
+
+def promote(arrays: tuple, dtype: Any = None) -> tuple:
+    """Flax's ``promote_dtype``: the arrays (None kept as None) in ``dtype``, or without one in
+    their common dtype, integers as float32. The common dtype is JAX's standard promotion, found
+    without ``jnp.result_type`` so that it holds under strict dtype promotion too."""
+    if dtype is None:
+        dtypes = [jnp.dtype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.integer) else a.dtype
+                  for a in arrays if a is not None]
+        dtype = _checks.common_dtype(*dtypes)
+    return tuple(None if a is None else jnp.asarray(a, dtype) for a in arrays)
+
+
+def linen_dtypes(x: Any, params: tuple, dtype: Any) -> tuple[jax.Array, jnp.dtype]:
+    """Flax Linen's dtype contract: statistics and normalization from ``x`` as given (not cast
+    to ``dtype`` first), the output in ``dtype`` or, without one, in the common dtype of x and
+    the parameters. Returns x for the core, cast up (exactly) where the output is wider, and the
+    output dtype."""
+    x = _checks.check_float_array("x", x, complex_ok=True)
+    out = (jnp.dtype(dtype) if dtype is not None
+           else _checks.common_dtype(x.dtype, *(p.dtype for p in params if p is not None)))
+    return x.astype(_checks.common_dtype(x.dtype, out)), out
+
+
+def updated_dtypes(mean, var, x_dtype: Any, dtype: Any, float32_reductions: bool = True):
+    """The running statistics cast to the dtypes Flax's update ``momentum * old + (1 -
+    momentum) * batch`` gives them: the old ones' promoted with the batch statistics' (computed
+    in ``dtype`` or x's, at least float32 unless ``float32_reductions`` is off; the variance
+    real), so float64 for float64 x and complex for complex x, as in Flax."""
+    stats = jnp.dtype(x_dtype if dtype is None else dtype)
+    if float32_reductions:
+        stats = _checks.stat_dtype(stats)
+    return (mean.astype(_checks.common_dtype(stats, mean.dtype)),
+            var.astype(_checks.common_dtype(_checks.real_dtype(stats), var.dtype)))
 
 
 def flax_batch_norm(x, scale, bias, mean, var, *, use_running_average: bool, axis: Any,
                     momentum: float, epsilon: float, axis_name: Any, axis_index_groups: Any,
                     mask: Any, **options) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Flax's ``BatchNorm`` call on jaxbn's :func:`batch_norm`: ``(y, new_mean, new_var)``."""
+    """Flax's ``BatchNorm`` call on jaxbn's :func:`batch_norm`: ``(y, new_mean, new_var)``.
+
+    Flax's conventions, translated: a mask broadcastable to x (per entry); an x of rank 1 is one
+    example; a batch of one normalizes to ``bias`` (variance 0); the axis name is used only
+    where statistics are taken (eval mode needs none bound); complex x has a complex running
+    mean.
+    """
+    shape = x.shape
     feature = _feature_axis(axis, x.ndim)
-    y, state = batch_norm(x, scale, bias, BatchNormState(mean, var),
-                          train=not use_running_average, momentum=momentum, eps=epsilon,
-                          axis=feature, axis_name=axis_name, axis_index_groups=axis_index_groups,
-                          mask=position_mask(mask, x.shape, feature), **options)
-    return y, state.mean, state.var
+    if x.ndim == 1:  # one example of D features
+        x, feature = x[None], 1
+    mask = flax_mask(mask, len(shape))
+    if mask is not None and len(shape) == 1:
+        mask = mask[None]
+    if _checks.is_complex(x.dtype) and not _checks.is_complex(mean.dtype):
+        mean = mean.astype(_checks.stat_dtype(x.dtype))
+    train = not use_running_average
+    y, state = batch_norm(x, scale, bias, BatchNormState(mean, var), train=train,
+                          momentum=momentum, eps=epsilon, axis=feature,
+                          axis_name=axis_name if train else None,
+                          axis_index_groups=axis_index_groups if train else None, mask=mask,
+                          allow_one_value=True, **options)
+    return y.reshape(shape), state.mean, state.var
 
 
-def _affine_over(param, shape: tuple[int, ...], kept: tuple[int, ...]):
-    """A Flax parameter of the kept axes' size, broadcast over ``shape`` (the normalized axes);
-    autodiff sums its gradient back."""
-    if param is None:
-        return None
-    view = tuple(n if i in kept else 1 for i, n in enumerate(shape))
-    return jnp.broadcast_to(param.reshape(view), shape)
+def flax_layer_norm(layer, x, scale, bias, mask: Any = None) -> jax.Array:
+    """Flax's ``LayerNorm`` (NNX or Linen ``layer``, whose fields it reads): statistics over
+    ``reduction_axes``, the parameters along ``feature_axes`` (any axes of x), on jaxbn's
+    :func:`~jaxbn._layer_norm.normalize_over`."""
+    reduced = canonical_axes("reduction_axes", layer.reduction_axes, x.ndim)
+    features = canonical_axes("feature_axes", layer.feature_axes, x.ndim)
+    shape = tuple(x.shape[a] for a in features)
+    scale, bias = (None if p is None else _params_in(p, shape) for p in (scale, bias))
+    return normalize_over(x, scale, bias, axes=reduced, param_axes=features, eps=layer.epsilon,
+                          backward=layer.backward, mask=flax_mask(mask, x.ndim),
+                          axis_name=layer.axis_name, axis_index_groups=layer.axis_index_groups)
 
 
-def flax_layer_norm(x, scale, bias, *, epsilon: float, reduction_axes: Any, feature_axes: Any,
-                    mask: Any = None, backward: str = "alt") -> jax.Array:
-    """Flax's ``LayerNorm`` on jaxbn's :func:`layer_norm`: reduction over trailing axes, the
-    parameters along ``feature_axes`` (a subset of them)."""
-    reduced = canonical_axes("reduction_axes", reduction_axes, x.ndim)
-    features = canonical_axes("feature_axes", feature_axes, x.ndim)
-    k = len(reduced)
-    if reduced != tuple(range(x.ndim - k, x.ndim)) or not set(features) <= set(reduced):
-        raise ValueError(f"jaxbn's LayerNorm normalizes over trailing axes with its parameters "
-                         f"along some of them; got reduction_axes={reduction_axes!r}, "
-                         f"feature_axes={feature_axes!r} for x of rank {x.ndim}.")
-    kept = tuple(a - (x.ndim - k) for a in features)
-    shape = x.shape[x.ndim - k:]
-    return layer_norm(x, _affine_over(scale, shape, kept), _affine_over(bias, shape, kept),
-                      eps=epsilon, normalized_ndim=k, mask=mask, backward=backward)
+def _params_in(param, shape: tuple[int, ...]):
+    """A Flax parameter (``(num_features,)`` in NNX) as x's shape along the feature axes."""
+    if math.prod(param.shape) != math.prod(shape):
+        raise ValueError(f"the layer's parameters have shape {tuple(param.shape)}, but x has "
+                         f"shape {shape} along feature_axes: construct the layer with "
+                         f"num_features={math.prod(shape)}.")
+    return param.reshape(shape)
 
 
-def flax_group_norm(x, scale, bias, *, num_groups: int, epsilon: float, reduction_axes: Any,
-                    mask: Any = None, backward: str = "alt") -> jax.Array:
-    """Flax's ``GroupNorm`` (channels last, statistics over the trailing ``reduction_axes``) on
-    jaxbn's :func:`group_norm`, through the free view ``(batch, positions, channels)``."""
+def flax_group_norm(layer, x, scale, bias, num_groups: int, mask: Any = None) -> jax.Array:
+    """Flax's ``GroupNorm`` (NNX or Linen ``layer``, whose fields it reads): the channels last,
+    split into ``num_groups`` groups, each group's statistics over its channels and
+    ``reduction_axes`` (which must include the last axis; default every axis but the first), on
+    :func:`~jaxbn._layer_norm.normalize_over`."""
+    reduction_axes = layer.reduction_axes
     if reduction_axes is None:
-        reduction_axes = tuple(range(1, x.ndim))
+        reduction_axes = (*range(1, x.ndim - 1), -1)
     reduced = canonical_axes("reduction_axes", reduction_axes, x.ndim)
-    start = x.ndim - len(reduced)
-    if x.ndim < 2 or reduced != tuple(range(start, x.ndim)) or start == 0:
-        raise ValueError(f"jaxbn's GroupNorm reduces over trailing axes ending with the channels, "
-                         f"after at least one batch axis; got reduction_axes={reduction_axes!r} "
-                         f"for x of rank {x.ndim}.")
-    view = (math.prod(x.shape[:start]), math.prod(x.shape[start:-1]), x.shape[-1])
-    if mask is not None:
-        mask = _checks.check_bool_mask(mask)
-        try:
-            mask = jnp.broadcast_to(mask, x.shape).reshape(view)
-        except ValueError:
-            raise ValueError(f"mask must broadcast to x's shape {tuple(x.shape)}; got shape "
-                             f"{tuple(mask.shape)}.") from None
-    y = group_norm(x.reshape(view), scale, bias, groups=num_groups, eps=epsilon, layout="NWC",
-                   mask=mask, backward=backward)
-    return y.reshape(x.shape)
+    if reduced[-1] != x.ndim - 1:
+        raise ValueError("The reduction axes must include the final dimension as this is "
+                         "assumed to be the feature axis.")
+    return normalize_over(x, scale, bias, axes=reduced[:-1], param_axes=x.ndim - 1,
+                          groups=num_groups, eps=layer.epsilon, backward=layer.backward,
+                          mask=flax_mask(mask, x.ndim), axis_name=layer.axis_name,
+                          axis_index_groups=layer.axis_index_groups)
 
 
 def require(module: str, extra: str) -> Any:
@@ -129,21 +162,15 @@ def require(module: str, extra: str) -> Any:
                           f"installed: pip install 'jaxbn[{extra}]'") from error
 
 
-def choose(name: str, call_value: Any, layer_value: Any, fix: str) -> bool:
-    """The call's mode flag if given, else the layer's; a Python bool either way."""
+def choose(name: str, call_value: Any, layer_value: Any, fix: str, *,
+           message: str | None = None) -> bool:
+    """The call's mode flag if given, else the layer's; a Python bool either way. Neither given
+    raises ``message`` (the framework's own, where its users match it) or one that ends in
+    ``fix``."""
     value = layer_value if call_value is None else call_value
     if value is None:
-        raise ValueError(f"no {name} was given to the layer or to the call: {fix}")
+        raise ValueError(message or f"no {name} was given to the layer or to the call: {fix}")
     if isinstance(value, jax.core.Tracer) or not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a Python bool (it picks a code path when the model is "
                         f"traced); got {value!r}.")
     return bool(value)
-
-
-def unsupported(layer: str, **options: Any) -> None:
-    """Rejects framework options that jaxbn's layer does not implement (rather than ignoring
-    them)."""
-    for name, value in options.items():
-        if value is not None:
-            raise ValueError(f"jaxbn's {layer} does not support {name} (got {value!r}); use "
-                             f"the framework's own {layer} for it.")

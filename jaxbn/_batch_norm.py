@@ -38,16 +38,23 @@ def init_batch_norm_state(num_features: int, dtype: Any = jnp.float32) -> BatchN
     """Returns the initial running statistics: mean zeros, variance ones, both ``(num_features,)``,
     and a batch counter at 0.
 
+    ``dtype`` complex (for complex ``x``): the mean is complex, the variance real (the variance
+    of complex values, ``mean(|x - mean|^2)``, is real).
+
     Example:
-      >>> import jaxbn
+      >>> import jax.numpy as jnp, jaxbn
       >>> state = jaxbn.init_batch_norm_state(3)
       >>> state.mean.tolist(), state.var.tolist(), int(state.count), state.mean.dtype.name
       ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], 0, 'float32')
+      >>> complex_state = jaxbn.init_batch_norm_state(3, jnp.complex64)
+      >>> complex_state.mean.dtype.name, complex_state.var.dtype.name
+      ('complex64', 'float32')
     """
     num_features = _checks.check_positive_int("num_features", num_features)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"dtype must be a floating dtype; got {jnp.dtype(dtype)}.")
-    return BatchNormState(jnp.zeros((num_features,), dtype), jnp.ones((num_features,), dtype),
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(f"dtype must be a floating or complex dtype; got {jnp.dtype(dtype)}.")
+    return BatchNormState(jnp.zeros((num_features,), dtype),
+                          jnp.ones((num_features,), _checks.real_dtype(dtype)),
                           jnp.zeros((), jnp.int32))
 
 
@@ -56,7 +63,8 @@ def batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None,
                eps: float = 1e-5, axis: int = -1, backward: str = "alt", axis_name: Any = None,
                mask: jax.Array | None = None, running_var: str = "biased",
                virtual_batch_size: int | None = None, renorm: dict | None = None,
-               axis_index_groups: Any = None) -> tuple[jax.Array, BatchNormState]:
+               axis_index_groups: Any = None,
+               allow_one_value: bool = False) -> tuple[jax.Array, BatchNormState]:
     r"""Batch normalization over every axis of ``x`` but the feature axis.
 
     ``momentum`` weights the *old* running value: ``new = momentum * old + (1 - momentum) *
@@ -76,8 +84,11 @@ def batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None,
     Shapes: ``N`` batch, ``D`` features (``x.shape[axis]``); ``x`` is ``(N, D)`` or any rank >= 2.
 
     Args:
-      x: input of rank >= 2, floating. bfloat16/float16 inputs give outputs and gradients in their
-        dtype; the statistics are computed in float32.
+      x: input of rank >= 2, floating or complex. bfloat16/float16 inputs give outputs and
+        gradients in their dtype; the statistics are computed in float32. Complex ``x`` (as
+        Flax's complex batch norm): a complex mean, the real variance ``mean(|x - mean|^2)``,
+        ``gamma``/``beta`` real or complex, a complex ``state.mean``
+        (``init_batch_norm_state(D, jnp.complex64)``) and a real ``state.var``.
       gamma: scale, ``(D,)``; None for no scale (PyTorch ``affine=False``, Flax ``use_scale``).
       beta: shift, ``(D,)``; None for no shift.
       state: running statistics, a :class:`BatchNormState` of two ``(D,)`` arrays and a counter.
@@ -98,13 +109,14 @@ def batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None,
         ``jaxbn.LOCAL``: each device's own statistics on purpose (``None`` computes the same but
         warns once under ``jax.shard_map`` when ``x`` varies over mesh axes; see
         :mod:`jaxbn._parallel`).
-      mask: boolean array of ``x``'s shape without the feature axis (size 1 broadcasts): only the
-        ``True`` entries enter the statistics and the running-statistics update, count-weighted
-        across ``axis_name``. The mask selects: ``False`` entries are padding, whatever they hold
-        (NaN, inf), and affect no valid output, statistic or gradient; their own output and
-        gradient are 0. A batch with no valid entry leaves the running statistics unchanged and
-        gives finite outputs (no NaN). With ``mask`` or ``axis_name``, ``backward`` is ``"alt"``
-        or ``"autodiff"`` (``"graph"`` raises).
+      mask: boolean array of ``x``'s shape without the feature axis (one flag per position), or
+        of ``x``'s own shape (one flag per entry: each feature's statistics over its own valid
+        entries); size 1 broadcasts. Only the ``True`` entries enter the statistics and the
+        running-statistics update, count-weighted across ``axis_name``. The mask selects:
+        ``False`` entries are padding, whatever they hold (NaN, inf), and affect no valid output,
+        statistic or gradient; their own output and gradient are 0. A feature with no valid
+        entry keeps its running statistics and gives finite outputs (no NaN). With ``mask`` or
+        ``axis_name``, ``backward`` is ``"alt"`` or ``"autodiff"`` (``"graph"`` raises).
       running_var: ``"biased"`` (default, cs231n) or ``"unbiased"`` (PyTorch): the running
         variance accumulates ``var * m / (m - 1)`` over ``m`` values; normalization always uses
         the biased batch variance.
@@ -116,6 +128,10 @@ def batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None,
       axis_index_groups: with ``axis_name``, device subgroups (lists of indices along it, of equal
         size) normalized separately, as Flax and Haiku do; supported where ``lax.psum`` supports
         it (``jax.pmap``; not ``jax.vmap``).
+      allow_one_value: accept one value per feature in train mode (a batch of one): its variance
+        is 0, so ``y = beta``, as Flax and Equinox compute it. By default that raises, as
+        PyTorch does, because it is almost always a mistake (a per-example call without
+        ``axis_name``).
 
     Returns:
       ``(y, new_state)``: ``y`` of ``x``'s shape and dtype, and the updated running statistics.
@@ -123,9 +139,12 @@ def batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None,
     Raises:
       TypeError: non-floating ``x``/parameters, non-bool ``train``, non-numeric options.
       ValueError: wrong parameter or state shapes, ``axis`` out of range, rank < 2, fewer than two
-        values per feature in train mode, unknown ``backward``, ``momentum`` outside [0, 1],
-        ``eps <= 0``, an unbound ``axis_name``, a mask of the wrong shape.
-      TypeError: also for a non-boolean ``mask``.
+        values per feature in train mode (unless ``allow_one_value``), unknown ``backward``,
+        ``momentum`` outside [0, 1], ``eps <= 0``, a mask of the wrong shape.
+      UnboundAxisNameError: an ``axis_name`` no enclosing transformation binds (a ``NameError``,
+        as JAX raises, and a ``ValueError``).
+      TypeError: also for a non-boolean ``mask``, a complex parameter or state mean with real
+        ``x``, a real state mean with complex ``x``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxbn
@@ -139,8 +158,17 @@ def batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None,
       >>> y_test, same = jaxbn.batch_norm(x, gamma, beta, state, train=False)  # running stats
       >>> bool(jnp.all(same.mean == state.mean)) and int(same.count) == int(state.count) == 1
       True
+
+      A mask per entry: each feature's statistics over its own valid entries.
+
+      >>> valid = jax.random.bernoulli(jax.random.key(1), 0.7, (32, 4))
+      >>> y, _ = jaxbn.batch_norm(x, gamma, beta, state, train=True, mask=valid)
+      >>> bool(jnp.allclose(jnp.mean(y, 0, where=valid), 0, atol=1e-5))
+      True
+      >>> bool(jnp.allclose(jnp.std(y, 0, where=valid), 1, atol=1e-3))
+      True
     """
-    x = _checks.check_float_array("x", x)
+    x = _checks.check_float_array("x", x, complex_ok=True)
     _checks.check_ndim("x", x, min_ndim=2, what="a batch axis and a feature axis")
     axis = _checks.check_axis("axis", axis, x.ndim)
     vbs = _layout.check_virtual_batch_size(virtual_batch_size, x.shape, axis)
@@ -148,7 +176,7 @@ def batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None,
     return _batch_norm(x, gamma, beta, state, lay, train=train, momentum=momentum, eps=eps,
                        backward=backward, axis_name=axis_name, mask=mask,
                        running_var=running_var, renorm=renorm,
-                       axis_index_groups=axis_index_groups)
+                       axis_index_groups=axis_index_groups, allow_one_value=allow_one_value)
 
 
 def spatial_batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None,
@@ -156,8 +184,8 @@ def spatial_batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | 
                        eps: float = 1e-5, layout: str = "NCHW", backward: str = "alt",
                        axis_name: Any = None, mask: jax.Array | None = None,
                        running_var: str = "biased", virtual_batch_size: int | None = None,
-                       renorm: dict | None = None,
-                       axis_index_groups: Any = None) -> tuple[jax.Array, BatchNormState]:
+                       renorm: dict | None = None, axis_index_groups: Any = None,
+                       allow_one_value: bool = False) -> tuple[jax.Array, BatchNormState]:
     """Batch normalization of image data per channel, over batch, height and width.
 
     The default layout is cs231n's and PyTorch's ``"NCHW"``; Flax and Equinox data is usually
@@ -175,8 +203,10 @@ def spatial_batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | 
 
     Args:
       x, gamma, beta, state, train, momentum, eps, backward, axis_name, running_var,
-        virtual_batch_size, renorm, axis_index_groups: as in :func:`batch_norm`.
-      mask: boolean, ``(N, H, W)`` for NCHW and NHWC alike (size 1 broadcasts).
+        virtual_batch_size, renorm, axis_index_groups, allow_one_value: as in
+        :func:`batch_norm`.
+      mask: boolean, ``(N, H, W)`` for NCHW and NHWC alike (one flag per position), or of
+        ``x``'s shape (one per entry); size 1 broadcasts.
       layout: ``"NCHW"`` (default) or ``"NHWC"``, or a 1-D/3-D layout as above.
 
     Returns:
@@ -198,7 +228,7 @@ def spatial_batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | 
       >>> bool(jnp.allclose(y_nhwc, y.transpose(0, 2, 3, 1), atol=1e-6))
       True
     """
-    x = _checks.check_float_array("x", x)
+    x = _checks.check_float_array("x", x, complex_ok=True)
     check_image_layout("layout", layout, x.shape)
     vbs = _layout.check_virtual_batch_size(virtual_batch_size, x.shape,
                                            _layout.channel_axis(layout, x.ndim))
@@ -206,7 +236,7 @@ def spatial_batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | 
     return _batch_norm(x, gamma, beta, state, lay, train=train, momentum=momentum, eps=eps,
                        backward=backward, axis_name=axis_name, mask=mask,
                        running_var=running_var, renorm=renorm,
-                       axis_index_groups=axis_index_groups)
+                       axis_index_groups=axis_index_groups, allow_one_value=allow_one_value)
 
 
 def check_axis_name(axis_name: Any, axis_index_groups: Any = None) -> Any:
@@ -243,28 +273,36 @@ class UnboundAxisNameError(NameError, ValueError):
 
 
 def check_mask(mask: Any, lay: Layout) -> jax.Array | None:
-    """Returns the boolean mask shaped to broadcast against the layout's view of x."""
+    """Returns the boolean mask shaped to broadcast against the layout's view of x: one flag per
+    position (x's shape without the feature axis) or per entry (x's shape), size 1 broadcasting."""
     if mask is None:
         return None
     mask = _checks.check_bool_mask(mask)
-    full = lay.mask_view(tuple(mask.shape))
+    got = tuple(mask.shape)
+    if len(got) == len(lay.shape) and all(m in (1, n) for m, n in zip(got, lay.shape)):
+        return jnp.broadcast_to(mask, lay.shape).reshape(lay.view)  # one flag per entry
+    full = lay.mask_view(got)
     if full is None:
         expected = tuple(n for a, n in enumerate(lay.shape) if a != lay.feature_axis)
-        raise ValueError(f"mask must have x's shape without the feature axis, {expected} (size 1 "
-                         f"broadcasts); got shape {tuple(mask.shape)}.")
+        raise ValueError(f"mask must have x's shape without the feature axis, {expected} (one "
+                         f"flag per position), or x's shape {lay.shape} (one per entry); size 1 "
+                         f"broadcasts; got shape {got}.")
     return jnp.broadcast_to(mask.reshape(full), lay.position_shape).reshape(lay.position_view)
 
 
-def check_param(name: str, p: Any, lay: Layout) -> jax.Array:
+def check_param(name: str, p: Any, lay: Layout, complex_ok: bool = False) -> jax.Array:
     """A per-feature array of exactly ``lay.param_shape`` (shapes that would broadcast are
-    rejected too), floating; the error names the layout's fix."""
-    p = _checks.check_float_array(name, p)
+    rejected too), floating (or complex, where ``complex_ok``); the error names the layout's
+    fix."""
+    p = _checks.check_float_array(name, p, complex_ok=complex_ok)
     if tuple(p.shape) != lay.param_shape:
         raise lay.param_error(name, p.shape)
     return p
 
 
-def check_state(state: Any, lay: Layout) -> BatchNormState:
+def check_state(state: Any, lay: Layout, x_dtype: Any = jnp.float32) -> BatchNormState:
+    """The running statistics checked against the layout; for complex x the mean is complex and
+    the variance real."""
     if not isinstance(state, tuple) or len(state) not in (2, 3):
         raise TypeError(f"state must be a BatchNormState(mean, var[, count]); got "
                         f"{type(state).__name__}. Make one with "
@@ -275,8 +313,13 @@ def check_state(state: Any, lay: Layout) -> BatchNormState:
         if count.shape != () or not jnp.issubdtype(count.dtype, jnp.integer):
             raise ValueError(f"state.count must be an integer scalar (batches seen); got dtype "
                              f"{count.dtype} and shape {tuple(count.shape)}.")
-    return BatchNormState(check_param("state.mean", state[0], lay),
-                          check_param("state.var", state[1], lay), count)
+    complex_x = _checks.is_complex(x_dtype)
+    mean = check_param("state.mean", state[0], lay, complex_ok=complex_x)
+    if complex_x and not _checks.is_complex(mean.dtype):
+        raise TypeError(f"state.mean must be complex for complex x (the running mean of complex "
+                        f"values is complex); got dtype {mean.dtype}. Make the state with "
+                        f"jaxbn.init_batch_norm_state({lay.param_shape[0]}, jnp.{x_dtype}).")
+    return BatchNormState(mean, check_param("state.var", state[1], lay), count)
 
 
 RUNNING_VARS = ("biased", "unbiased")
@@ -298,11 +341,14 @@ class Prepared(NamedTuple):
 
 
 def _affine_params(gamma, beta, lay, x_dtype):
-    """gamma/beta checked, or ones/zeros where None (no affine part), in one dtype."""
-    gamma = None if gamma is None else check_param("gamma", gamma, lay)
-    beta = None if beta is None else check_param("beta", beta, lay)
+    """gamma/beta checked, or ones/zeros where None (no affine part), in one dtype (complex
+    parameters only for complex x)."""
+    complex_ok = _checks.is_complex(x_dtype)
+    gamma = None if gamma is None else check_param("gamma", gamma, lay, complex_ok)
+    beta = None if beta is None else check_param("beta", beta, lay, complex_ok)
     given = [a.dtype for a in (gamma, beta) if a is not None]
-    dtype = _checks.common_dtype(*given) if given else _checks.stat_dtype(x_dtype)
+    dtype = _checks.common_dtype(*given) if given else _checks.stat_dtype(_checks.real_dtype(
+        x_dtype))
     gamma = jnp.ones(lay.param_shape, dtype) if gamma is None else gamma.astype(dtype)
     beta = jnp.zeros(lay.param_shape, dtype) if beta is None else beta.astype(dtype)
     return gamma.reshape(lay.param_view), beta.reshape(lay.param_view)
@@ -314,9 +360,9 @@ def prepare(x, gamma, beta, state, lay: Layout, *, momentum, eps, backward, axis
     _checks.check_choice("backward", backward, BACKWARDS)
     _checks.check_choice("running_var", running_var, RUNNING_VARS)
     eps = _checks.check_real("eps", eps, low=0.0, low_open=True)
-    x = _checks.check_float_array("x", x)
+    x = _checks.check_float_array("x", x, complex_ok=True)
     gamma, beta = _affine_params(gamma, beta, lay, x.dtype)
-    state = jax.tree.map(jax.lax.stop_gradient, check_state(state, lay))
+    state = jax.tree.map(jax.lax.stop_gradient, check_state(state, lay, x.dtype))
     if momentum is None:
         if state.count is None:
             raise ValueError("momentum=None (the cumulative average of all batches, PyTorch's "
@@ -327,6 +373,9 @@ def prepare(x, gamma, beta, state, lay: Layout, *, momentum, eps, backward, axis
         momentum = _checks.check_real("momentum", momentum, low=0.0, high=1.0)
     axis_name = check_axis_name(axis_name, axis_index_groups)
     mask = check_mask(mask, lay)
+    if renorm is not None and _checks.is_complex(x.dtype):
+        raise ValueError("renorm= is not available for complex x (batch renormalization clips "
+                         "ratios of real standard deviations and real mean shifts).")
     renorm = _renorm.check_renorm(renorm, mask=mask, axis_name=axis_name, layout=lay)
     config = configure(lay, eps=eps, backward=backward, x_dtype=x.dtype, param_dtype=gamma.dtype,
                        axis_name=axis_name, masked=mask is not None, kernels=renorm is None,
@@ -335,20 +384,21 @@ def prepare(x, gamma, beta, state, lay: Layout, *, momentum, eps, backward, axis
                     running_var, renorm)
 
 
-def _check_batch_size(p: Prepared) -> None:
+def _check_batch_size(p: Prepared, allow_one_value: bool = False) -> None:
     count = p.layout.values_per_stat
     if p.config.axis_name is not None:
         count *= psum(1, p.config.axis_name)
-    if count < 2 and p.mask is None:
+    if count < 2 and p.mask is None and not allow_one_value:
         hint = ("" if p.config.axis_name is not None else
                 " Calling batch norm per example under jax.vmap? Pass axis_name= (the vmap's "
                 "axis_name) so that the vmapped axis becomes the batch.")
         raise ValueError(
             f"x must have at least 2 values per feature in train mode (the batch variance of one "
-            f"value is 0); got shape {p.layout.shape}, {count} value per feature.{hint}")
+            f"value is 0); got shape {p.layout.shape}, {count} value per feature.{hint} To "
+            f"normalize it anyway (y = beta, as Flax and Equinox do), pass allow_one_value=True.")
 
 
-def _batch_norm(x, gamma, beta, state, lay, *, train, **options):
+def _batch_norm(x, gamma, beta, state, lay, *, train, allow_one_value=False, **options):
     _checks.check_train(train)
     options["axis_name"] = _parallel.resolve_axis_name(x, options["axis_name"], train=train)
     p = prepare(x, gamma, beta, state, lay, **options)
@@ -356,7 +406,7 @@ def _batch_norm(x, gamma, beta, state, lay, *, train, **options):
         mean, var = (a.reshape(lay.param_view) for a in (p.state.mean, p.state.var))
         y = normalize_with(p.x, p.gamma, p.beta, mean, var, p.config.eps)
         return y.reshape(lay.shape), p.state
-    _check_batch_size(p)
+    _check_batch_size(p, allow_one_value)
     if p.renorm is not None:
         running = (a.reshape(lay.param_view) for a in (p.state.mean, p.state.var))
         y, mean, var = _renorm.renormalize(p.x, p.gamma, p.beta, *running, *p.renorm, p.config)
@@ -366,13 +416,15 @@ def _batch_norm(x, gamma, beta, state, lay, *, train, **options):
 
 
 def _values_per_statistic(p: Prepared, dtype: Any) -> jax.Array:
-    """``m`` of each statistic, across devices: the valid entries' count with a mask."""
+    """``m`` of each statistic, across devices (the valid entries' count with a mask), with the
+    statistics' shape (size 1 along the reduced axes)."""
     if p.mask is None:
         m = jnp.asarray(p.layout.values_per_stat, dtype)
     else:
-        unit = tuple(1 if a not in p.layout.stat_axes else n for a, n in enumerate(p.layout.view))
-        m = jnp.sum(jnp.broadcast_to(p.mask, unit), axis=p.layout.stat_axes).reshape(-1)
-        m = m.astype(dtype)
+        axes = p.layout.stat_axes
+        full = jnp.broadcast_to(p.mask, tuple(n if a in axes else k for a, (n, k) in
+                                              enumerate(zip(p.layout.view, p.mask.shape))))
+        m = jnp.sum(full.astype(dtype), axis=axes, keepdims=True)
     return m if p.config.axis_name is None else psum(m, p.config.axis_name)
 
 
@@ -380,40 +432,46 @@ def new_state(p: Prepared, mean: jax.Array, var: jax.Array) -> BatchNormState:
     """The running statistics after a train step with batch statistics ``mean``, ``var``.
 
     Virtual batches (ghost batch norm) contribute the mean of their statistics; with
-    ``running_var="unbiased"`` the variance enters as ``var * m / (m - 1)``.
+    ``running_var="unbiased"`` the variance enters as ``var * m / (m - 1)``. With a mask, a
+    feature without a valid entry keeps its running statistics.
     """
     mean, var = jax.lax.stop_gradient((mean, var))
+    if p.running_var == "unbiased" or p.mask is not None:
+        m = _values_per_statistic(p, var.dtype)
+    if p.running_var == "unbiased":
+        var = var * jnp.where(m > 1, m / jnp.maximum(m - 1, 1), 1.0)
     if p.layout.group_axes:
         mean, var = (jnp.mean(a, axis=p.layout.group_axes) for a in (mean, var))
-    mean, var = mean.reshape(-1), var.reshape(-1)
-    if p.running_var == "unbiased":
-        m = _values_per_statistic(p, var.dtype)
-        var = var * jnp.where(m > 1, m / jnp.maximum(m - 1, 1), 1.0)
-    new = update_state(p.state, mean, var, p.momentum)
+    new = update_state(p.state, mean.reshape(-1), var.reshape(-1), p.momentum)
     if p.mask is None:
         return new
-    # A batch without a valid entry has no statistics: keep the running ones (and the count).
-    valid = jnp.sum(p.mask)
-    if p.config.axis_name is not None:
-        valid = psum(valid, p.config.axis_name)
-    return jax.tree.map(lambda a, b: jnp.where(valid > 0, a, b), new, p.state)
+    # A feature without a valid entry has no statistics: keep its running ones.
+    seen = jnp.sum(m, axis=p.layout.group_axes).reshape(-1) > 0
+    count = new.count
+    if count is not None and p.state.count is not None:
+        count = jnp.where(jnp.any(seen), count, p.state.count)
+    return BatchNormState(jnp.where(seen, new.mean, p.state.mean),
+                          jnp.where(seen, new.var, p.state.var), count)
 
 
 def update_state(state: BatchNormState, mean: jax.Array, var: jax.Array,
                  momentum: float | None) -> BatchNormState:
     """``momentum * running + (1 - momentum) * batch`` for both statistics, without gradient;
     ``momentum=None``: the cumulative average, ``running + (batch - running) / (count + 1)``.
-    The counter, where the state has one, goes up by one."""
+    The counter, where the state has one, goes up by one. The arithmetic runs in the wider of
+    the state's and the batch's dtypes (explicitly: strict dtype promotion holds); the result
+    keeps the state's."""
     mean, var = jax.lax.stop_gradient((mean, var))
     count = None if state.count is None else state.count + 1
-    if momentum is None:
-        assert count is not None  # prepare() requires a counter for momentum=None
-        weight = 1.0 / count.astype(state.mean.dtype)
-        return BatchNormState((state.mean + (mean - state.mean) * weight).astype(state.mean.dtype),
-                              (state.var + (var - state.var) * weight).astype(state.var.dtype),
-                              count)
-    return BatchNormState(
-        (momentum * state.mean + (1.0 - momentum) * mean).astype(state.mean.dtype),
-        (momentum * state.var + (1.0 - momentum) * var).astype(state.var.dtype),
-        count,
-    )
+
+    def update(old, batch):
+        dtype = _checks.common_dtype(old.dtype, batch.dtype)
+        old_, batch_ = old.astype(dtype), batch.astype(dtype)
+        if momentum is None:
+            assert count is not None  # prepare() requires a counter for momentum=None
+            new = old_ + (batch_ - old_) / count.astype(_checks.real_dtype(dtype))
+        else:
+            new = momentum * old_ + (1.0 - momentum) * batch_
+        return new.astype(old.dtype)
+
+    return BatchNormState(update(state.mean, mean), update(state.var, var), count)

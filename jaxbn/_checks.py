@@ -44,18 +44,24 @@ def default_float() -> jnp.dtype:
     return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
 
 
-def check_float_array(name: str, x: Any) -> jax.Array:
+def check_float_array(name: str, x: Any, *, complex_ok: bool = False) -> jax.Array:
     """Returns ``x`` as a floating array: floating dtypes as they are, integers promoted to JAX's
-    default float (as ``x * 1.0`` would promote them); anything else is refused."""
+    default float (as ``x * 1.0`` would promote them); complex dtypes where ``complex_ok``;
+    anything else is refused."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         x = jnp.asarray(x)
     dtype = jnp.dtype(x.dtype)
-    if jnp.issubdtype(dtype, jnp.floating):
+    if jnp.issubdtype(dtype, jnp.floating) or (complex_ok and is_complex(dtype)):
         return jnp.asarray(x)
     if jnp.issubdtype(dtype, jnp.integer):
         return jnp.asarray(x, default_float())
-    raise TypeError(f"{name} must be a floating (float16, bfloat16, float32 or float64) or "
-                    f"integer array; got dtype {dtype}.")
+    kinds = "floating (float16, bfloat16, float32 or float64)" + (
+        ", complex (complex64 or complex128)" if complex_ok else "")
+    raise TypeError(f"{name} must be a {kinds} or integer array; got dtype {dtype}.")
+
+
+def is_complex(dtype: Any) -> bool:
+    return bool(jnp.issubdtype(jnp.dtype(dtype), jnp.complexfloating))
 
 
 def check_ndim(name: str, x: jax.Array, *, min_ndim: int | None = None,
@@ -122,21 +128,44 @@ def check_real(name: str, value: Any, *, low: float, high: float | None = None,
     return value
 
 
+def common_dtype(*dtypes: Any) -> jnp.dtype:
+    """JAX's standard promotion of floating and complex dtypes (bfloat16 with float16 gives
+    float32, a real dtype with a complex one the complex dtype of the wider precision), computed
+    without ``jnp.result_type``/``jnp.promote_types``, which refuse mixed dtypes under
+    ``jax.numpy_dtype_promotion("strict")``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxbn._checks import common_dtype
+      >>> with jax.numpy_dtype_promotion("strict"):
+      ...     [common_dtype(*d).name for d in [(jnp.bfloat16, jnp.float16),
+      ...                                      (jnp.float32, jnp.bfloat16),
+      ...                                      (jnp.float64, jnp.complex64)]]
+      ['float32', 'float32', 'complex128']
+    """
+    unique = {jnp.dtype(d) for d in dtypes}
+    if len(unique) == 1:
+        return unique.pop()
+    bits = max(jnp.finfo(d).bits for d in unique)  # complex64's parts are 32-bit
+    real = jnp.dtype(jnp.float64 if bits > 32 else jnp.float32)  # two 16-bit types meet at 32
+    if any(is_complex(d) for d in unique):
+        return jnp.dtype(jnp.complex128 if real == jnp.float64 else jnp.complex64)
+    return real
+
+
 def stat_dtype(*dtypes: Any) -> jnp.dtype:
-    """The dtype statistics are accumulated in: float32, or float64 when an input is float64.
+    """The dtype statistics are accumulated in: float32, or float64 when an input is float64
+    (complex64/complex128 when an input is complex: the mean of complex values is complex).
 
     Chosen without ``jnp.result_type``, so that it holds under
     ``jax.numpy_dtype_promotion("strict")`` for bfloat16/float16 inputs too.
     """
-    wide = any(jnp.dtype(d) == jnp.float64 for d in dtypes)
-    return jnp.dtype(jnp.float64 if wide else jnp.float32)
+    return common_dtype(jnp.float32, *dtypes)
 
 
-def common_dtype(*dtypes: Any) -> jnp.dtype:
-    """One floating dtype for parameters given in several: theirs if they agree, else float32
-    (float64 if one is float64). No ``jnp.result_type``, so strict promotion holds."""
-    unique = {jnp.dtype(d) for d in dtypes}
-    return unique.pop() if len(unique) == 1 else stat_dtype(*unique)
+def real_dtype(dtype: Any) -> jnp.dtype:
+    """The real dtype of a floating or complex dtype (complex64 -> float32): the variance's."""
+    return jnp.dtype(jnp.finfo(dtype).dtype)
 
 
 def check_bool_mask(mask: Any) -> jax.Array:

@@ -1,12 +1,17 @@
-"""Per-example normalizations: ``layer_norm`` and ``group_norm`` (no batch dependence, no state)."""
+"""Per-example normalizations (no batch dependence, no state): ``layer_norm``, ``group_norm``
+and ``normalize_over``, the core behind the framework adapters' layer and group norm over any
+axes."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxbn import _checks, _layout
-from jaxbn._batch_norm import _affine_params
+from jaxbn._batch_norm import _affine_params, check_axis_name
 from jaxbn._layout import check_image_layout
 from jaxbn._normalize import BACKWARDS, configure, normalize
 
@@ -66,12 +71,12 @@ def layer_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None, *,
     return _apply(x, gamma, beta, lay, eps, backward, mask)
 
 
-def prepare(x, gamma, beta, lay, eps, backward, masked=False):
+def prepare(x, gamma, beta, lay, eps, backward, masked=False, axis_name=None):
     """Checks the parameters against the layout; returns the core's inputs in its view."""
     x = _checks.check_float_array("x", x)
     gamma, beta = _affine_params(gamma, beta, lay, x.dtype)
     config = configure(lay, eps=eps, backward=backward, x_dtype=x.dtype, param_dtype=gamma.dtype,
-                       masked=masked)
+                       axis_name=axis_name, masked=masked)
     return x.reshape(lay.view), gamma, beta, config
 
 
@@ -88,10 +93,74 @@ def _check_mask(mask, lay):
     return full.reshape(lay.view)
 
 
-def _apply(x, gamma, beta, lay, eps, backward, mask=None):
+def _apply(x, gamma, beta, lay, eps, backward, mask=None, axis_name=None):
     mask = _check_mask(mask, lay)
-    core = prepare(x, gamma, beta, lay, eps, backward, masked=mask is not None)
+    core = prepare(x, gamma, beta, lay, eps, backward, masked=mask is not None,
+                   axis_name=axis_name)
     return normalize(*core, mask)[0].reshape(lay.shape)
+
+
+def _distinct_axes(name: str, axes: Any, ndim: int) -> tuple[int, ...]:
+    """Sorted non-negative axes of an x of rank ``ndim``, each named once."""
+    items = tuple(axes) if isinstance(axes, Sequence) else (axes,)
+    normalized = [_checks.check_axis(name, a, ndim) for a in items]
+    if len(set(normalized)) != len(normalized):
+        raise ValueError(f"{name} must name each axis of x once; got {axes!r}.")
+    return tuple(sorted(normalized))
+
+
+def normalize_over(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None, *,
+                   axes: Any, param_axes: Any, groups: int | None = None, eps: float = 1e-5,
+                   backward: str = "alt", mask: jax.Array | None = None, axis_name: Any = None,
+                   axis_index_groups: Any = None) -> jax.Array:
+    """Per-example normalization over any axes of ``x``: layer norm with statistics over
+    ``axes`` and ``gamma``/``beta`` along ``param_axes`` (Flax's ``reduction_axes`` and
+    ``feature_axes``), or with ``groups`` group norm of the one channel axis ``param_axes``
+    split into ``groups`` groups, each group's statistics over its channels and ``axes``.
+
+    The core behind the framework adapters; :func:`layer_norm` and :func:`group_norm` are its
+    common cases. Statistics of one value give ``y = beta`` (variance 0), as in Flax.
+
+    Args:
+      x: input, floating.
+      gamma, beta: ``x.shape`` along ``param_axes`` (in axis order), or None.
+      axes: the statistics' axes (an int or a sequence; for group norm, without the channel axis).
+      param_axes: the axes the parameters vary along (for group norm, the channel axis).
+      groups: None for layer norm; the number of groups (a divisor of the channels) for group
+        norm.
+      eps, backward, mask: as in :func:`layer_norm` (``mask`` broadcastable to ``x``).
+      axis_name, axis_index_groups: mapped axes whose slices of ``x`` the statistics are also
+        taken across (x sharded along a reduced axis), as in :func:`jaxbn.batch_norm`.
+
+    Returns:
+      ``y`` of ``x``'s shape and dtype.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxbn._layer_norm import normalize_over
+      >>> x = jax.random.normal(jax.random.key(0), (2, 5, 3))
+      >>> y = normalize_over(x, jnp.ones(5), jnp.zeros(5), axes=1, param_axes=1)  # non-trailing
+      >>> bool(jnp.allclose(y.mean(1), 0, atol=1e-6)), bool(jnp.allclose(y.std(1), 1, atol=1e-4))
+      (True, True)
+    """
+    eps = _check_common(eps, backward)
+    x = _checks.check_float_array("x", x)
+    stat = _distinct_axes("axes", axes, x.ndim)
+    params = _distinct_axes("param_axes", param_axes, x.ndim)
+    if groups is None:
+        lay = _layout.layout(x.shape, "layer", axes=stat, param_axes=params)
+    else:
+        if len(params) != 1 or params[0] in stat:
+            raise ValueError(f"group norm's param_axes must be the one channel axis, not among "
+                             f"axes; got param_axes={param_axes!r}, axes={axes!r}.")
+        channels = x.shape[params[0]]
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 \
+                or channels % groups:
+            raise ValueError(f"groups must be a positive divisor of the {channels} channels of "
+                             f"x (axis {params[0]}); got {groups!r}.")
+        lay = _layout.layout(x.shape, "group", axis=params[0], groups=groups, axes=stat)
+    axis_name = check_axis_name(axis_name, axis_index_groups)
+    return _apply(x, gamma, beta, lay, eps, backward, mask, axis_name)
 
 
 def group_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None, *, groups: int,

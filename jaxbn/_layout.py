@@ -125,42 +125,53 @@ def channel_axis(image_layout: str, ndim: int) -> int:
 
 
 def layout(shape: tuple[int, ...], norm: str, *, axis: int = -1, image_layout: str | None = None,
-           groups: int = 1, virtual_batch_size: int | None = None, num_axes: int = 1) -> Layout:
+           groups: int = 1, virtual_batch_size: int | None = None, num_axes: int = 1,
+           axes: tuple[int, ...] | None = None,
+           param_axes: tuple[int, ...] | None = None) -> Layout:
     """The view, statistics axes and parameter shape of a normalization of an ``x`` of ``shape``.
 
     - ``"batch"``: parameters along the feature axis (``axis``, or the channel axis of
       ``image_layout``), statistics over every other axis. ``virtual_batch_size=K`` splits the
       batch axis into ``(N / K, K)`` and keeps one set of statistics per virtual batch.
-    - ``"layer"``: parameters and statistics over the last ``num_axes`` axes.
-    - ``"group"``: parameters along the channel axis of ``image_layout``; the channel axis split
-      into ``(G, C / G)`` and statistics over the channels of a group and every non-batch axis.
+    - ``"layer"``: parameters and statistics over the last ``num_axes`` axes; or statistics over
+      ``axes`` and parameters along ``param_axes`` (any axes of x, as Flax's ``reduction_axes``
+      and ``feature_axes``).
+    - ``"group"``: parameters along the channel axis (``axis``, or that of ``image_layout``); the
+      channel axis split into ``(G, C / G)`` and statistics over the channels of a group and
+      ``axes`` (default: every axis but the batch axis 0 and the channels).
 
-    Arguments are trusted to be checked (``axis`` normalized, ``image_layout`` matching the rank,
-    ``groups``/``virtual_batch_size`` dividing their axis); see :func:`check_image_layout`.
+    Arguments are trusted to be checked (axes normalized and distinct, ``image_layout`` matching
+    the rank, ``groups``/``virtual_batch_size`` dividing their axis); see
+    :func:`check_image_layout`.
     """
     shape = tuple(int(n) for n in shape)
     ndim = len(shape)
     if image_layout is not None:
         axis = channel_axis(image_layout, ndim)
     if norm == "layer":
-        axes = tuple(range(ndim - num_axes, ndim))
-        return Layout("layer", shape, shape, axes, axes, shape[ndim - num_axes:], None,
-                      image_layout=image_layout)
+        if axes is None:
+            axes = param_axes = tuple(range(ndim - num_axes, ndim))
+        params = tuple(sorted(axes if param_axes is None else param_axes))
+        return Layout("layer", shape, shape, tuple(sorted(axes)), params,
+                      tuple(shape[a] for a in params), None, image_layout=image_layout)
     if norm == "batch":
         if virtual_batch_size is None or virtual_batch_size == shape[0]:
-            axes = tuple(a for a in range(ndim) if a != axis)
-            return Layout("batch", shape, shape, axes, (axis,), (shape[axis],), axis,
+            stat = tuple(a for a in range(ndim) if a != axis)
+            return Layout("batch", shape, shape, stat, (axis,), (shape[axis],), axis,
                           image_layout=image_layout)
         # (N, ...) -> (N / K, K, ...): axis 0 indexes the virtual batches.
         view = (shape[0] // virtual_batch_size, virtual_batch_size) + shape[1:]
-        axes = tuple(a for a in range(1, ndim + 1) if a != axis + 1)
-        return Layout("batch", shape, view, axes, (axis + 1,), (shape[axis],), axis, (0,),
+        stat = tuple(a for a in range(1, ndim + 1) if a != axis + 1)
+        return Layout("batch", shape, view, stat, (axis + 1,), (shape[axis],), axis, (0,),
                       image_layout)
-    # Group norm: (..., C, ...) -> (..., G, C / G, ...), a free reshape.
+    # Group norm: (..., C, ...) -> (..., G, C / G, ...), a free reshape; x's axis a > C is the
+    # view's a + 1.
     view = shape[:axis] + (groups, shape[axis] // groups) + shape[axis + 1:]
-    axes = tuple(a for a in range(1, ndim + 1) if a != axis)
+    if axes is None:
+        axes = tuple(a for a in range(1, ndim) if a != axis)
+    stat = tuple(sorted([a + (a > axis) for a in axes if a != axis] + [axis + 1]))
     kind = "instance" if groups == shape[axis] else "group"
-    return Layout(kind, shape, view, axes, (axis, axis + 1), (shape[axis],), axis,
+    return Layout(kind, shape, view, stat, (axis, axis + 1), (shape[axis],), axis,
                   image_layout=image_layout)
 
 

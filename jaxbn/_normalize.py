@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn import _native
-from jaxbn._checks import stat_dtype
+from jaxbn._checks import real_dtype, stat_dtype
 from jaxbn._layout import Layout
 from jaxbn._rules import (
     Config,
@@ -30,6 +30,7 @@ from jaxbn._rules import (
     centered,
     centered_square_sum,
     graph_rule,
+    param_cotangent,
     scale_shift,
     statistics,
     vary_like,
@@ -146,7 +147,7 @@ def normalize_with(x: jax.Array, gamma: jax.Array, beta: jax.Array, mean: jax.Ar
     ``x``'s dtype. Plain ``jnp``: its derivative is JAX's.
     """
     dtype = stat_dtype(x.dtype, gamma.dtype, mean.dtype)
-    inv_std = jax.lax.rsqrt(var.astype(dtype) + eps)
+    inv_std = jax.lax.rsqrt(var.astype(real_dtype(dtype)) + eps)
     return scale_shift(x, mean.astype(dtype), inv_std, gamma, beta)
 
 
@@ -204,10 +205,11 @@ def _centered_square_sum_fwd(x, mean, mask, stat_axes):
 
 
 def _centered_square_sum_bwd(stat_axes, residuals, ct):
-    """``q = sum over the valid entries of (x - mean)^2`` (local): ``dx = 2 (x - mean) ct`` on
-    the valid entries and 0 elsewhere, ``dmean = -2 ct sum(x - mean)``; the mask is data."""
+    """``q = sum over the valid entries of |x - mean|^2`` (local): ``dx = 2 conj(x - mean) ct``
+    on the valid entries and 0 elsewhere, ``dmean = -2 ct sum(conj(x - mean))``; the mask is
+    data. (For real x, ``conj`` is the identity.)"""
     x, mean, mask = residuals
-    xmu = centered(x, mean, mask)
+    xmu = jnp.conj(centered(x, mean, mask))
     dx = (2.0 * ct * xmu).astype(x.dtype)
     dmean = -2.0 * ct * jnp.sum(xmu, axis=stat_axes, keepdims=True)
     return dx, dmean, None
@@ -232,7 +234,9 @@ def _affine_core_bwd(config, residuals, dy):
         dmean = -inv_std * sum(g);  dinv_std = sum(g * (x - mean))   # over the statistics' axes
         dgamma = sum(dy * x_hat);  dbeta = sum(dy)                    # over gamma's broadcast axes
 
-    Sums run over the local batch; the psum around the statistics completes them across devices.
+    For complex x the real ``inv_std`` takes the real part of its sum, and so do real gamma and
+    beta (:func:`jaxbn._rules.param_cotangent`). Sums run over the local batch; the psum around
+    the statistics completes them across devices.
     """
     x, mean, inv_std, gamma = residuals
     dtype = mean.dtype
@@ -242,9 +246,10 @@ def _affine_core_bwd(config, residuals, dy):
     dgamma = jnp.sum(dy32 * xmu * inv_std, axis=config.grad_axes, keepdims=True)
     dbeta = jnp.sum(dy32, axis=config.grad_axes, keepdims=True)
     dmean = -inv_std * jnp.sum(g, axis=config.stat_axes, keepdims=True)
-    dinv_std = jnp.sum(g * xmu, axis=config.stat_axes, keepdims=True)
+    dinv_std = jnp.sum(jnp.real(g * xmu), axis=config.stat_axes, keepdims=True)
     dx = (g * inv_std).astype(x.dtype)
-    return dx, dgamma.astype(gamma.dtype), dbeta.astype(gamma.dtype), dmean, dinv_std
+    return (dx, param_cotangent(dgamma, gamma.dtype), param_cotangent(dbeta, gamma.dtype), dmean,
+            dinv_std)
 
 
 _affine_core.defvjp(_affine_core_fwd, _affine_core_bwd)

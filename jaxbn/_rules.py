@@ -10,6 +10,11 @@ jaxbn's core but the argument checks, so both can import it.
 
 Shape legend: the arrays are in the layout's view of ``x``; statistics keep the reduced axes as
 size 1, parameters have size 1 along the axes they do not vary along.
+
+Complex ``x`` (batch norm, as Flax defines it): the mean is complex, the variance is real,
+``var = mean(|x - mean|^2)``. The rules below hold for both, with ``conj`` and ``real`` (no-ops
+on real arrays) where complex values need them; cotangents follow JAX's convention (``jax.grad``
+of a real loss ``L`` with respect to ``z = a + ib`` is ``dL/da - i dL/db``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from jaxbn._checks import real_dtype
 
 
 class AxisGroups(NamedTuple):
@@ -92,6 +99,21 @@ def _varying_axes(a: jax.Array) -> frozenset:
     return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
+def abs_sq(a: jax.Array) -> jax.Array:
+    """``|a|^2``, real: ``a * a`` for real ``a``, ``re(a)^2 + im(a)^2`` for complex ``a``."""
+    if not jnp.iscomplexobj(a):
+        return a * a
+    return jnp.square(jnp.real(a)) + jnp.square(jnp.imag(a))
+
+
+def param_cotangent(d: jax.Array, dtype: Any) -> jax.Array:
+    """A parameter's cotangent in its dtype: the real part for a real parameter of a complex
+    normalization (JAX's cotangent of a real input that enters complex arithmetic)."""
+    if jnp.iscomplexobj(d) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        d = jnp.real(d)
+    return d.astype(dtype)
+
+
 def centered(x: jax.Array, mean: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """``x - mean`` in ``mean``'s dtype, 0 where ``mask`` is False."""
     xmu = x.astype(mean.dtype) - mean
@@ -100,9 +122,8 @@ def centered(x: jax.Array, mean: jax.Array, mask: jax.Array | None = None) -> ja
 
 def centered_square_sum(x: jax.Array, mean: jax.Array, mask: jax.Array | None,
                         stat_axes: tuple[int, ...]) -> jax.Array:
-    """``sum((x - mean)^2)`` over the valid entries, locally, in ``mean``'s dtype."""
-    xmu = centered(x, mean, mask)
-    return jnp.sum(xmu * xmu, axis=stat_axes, keepdims=True)
+    """``sum(|x - mean|^2)`` over the valid entries, locally, in ``mean``'s (real) dtype."""
+    return jnp.sum(abs_sq(centered(x, mean, mask)), axis=stat_axes, keepdims=True)
 
 
 def statistics(x: jax.Array, config: Config, dtype: Any, mask: jax.Array | None = None,
@@ -111,13 +132,14 @@ def statistics(x: jax.Array, config: Config, dtype: Any, mask: jax.Array | None 
 
     With ``v`` the valid entries (all of them without ``mask``) and ``n`` their count::
 
-        mean = sum over v of x / n;    var = sum over v of (x - mean)^2 / n
+        mean = sum over v of x / n;    var = sum over v of |x - mean|^2 / n
 
     Two passes: ``E[(x - mean)^2]`` does not cancel when ``|mean| >> std``, unlike
     ``E[x^2] - mean^2``. ``mask`` (boolean, broadcastable to ``x``) selects: the other entries
     are replaced by 0 before any arithmetic, so NaN or inf there reach nothing; a statistic with no
     valid entry is mean 0, variance 0. ``square_sum`` computes the local centered sum (the split
-    rules pass a ``custom_vjp`` of :func:`centered_square_sum`).
+    rules pass a ``custom_vjp`` of :func:`centered_square_sum`). ``dtype`` is the mean's
+    (complex for complex ``x``); counts and the variance are in its real dtype.
     """
     axes, axis_name = config.stat_axes, config.axis_name
     if mask is None:
@@ -126,9 +148,10 @@ def statistics(x: jax.Array, config: Config, dtype: Any, mask: jax.Array | None 
         # Expanded along the statistics' axes so that it counts every valid value.
         mask = jnp.broadcast_to(mask, tuple(n if a in axes else m for a, (n, m) in
                                             enumerate(zip(x.shape, mask.shape))))
-        count = jnp.maximum(sum_over(mask.astype(dtype), axes, axis_name), 1)
+        count = jnp.maximum(sum_over(mask.astype(real_dtype(dtype)), axes, axis_name), 1)
         x = jnp.where(mask, x, jnp.zeros((), x.dtype))
-    mean = sum_over(x.astype(dtype), axes, axis_name) / count
+    total_x = sum_over(x.astype(dtype), axes, axis_name)
+    mean = total_x / (count if mask is None else count.astype(dtype))
     # The local sum sees the global mean as device-varying (see vary_like).
     total = square_sum(x, vary_like(mean, x), mask, axes)
     var = (total if axis_name is None else psum(total, axis_name)) / count
@@ -159,6 +182,10 @@ def alt_rule(config: Config, residuals: Residuals,
         dgamma = sum(dy * x_hat)          # over the axes gamma broadcasts along
         dbeta  = sum(dy)
 
+    For complex ``x`` (``var = sum(|x - mean|^2) / m``, real) the same derivation in JAX's
+    convention gives ``conj(x_hat) * sum(re(g * x_hat))`` for the last term of ``dx``, and the
+    real parts of ``dgamma``/``dbeta`` for real parameters (:func:`param_cotangent`).
+
     Sums in ``dx`` run over the statistics' axes of the local batch (with ``axis_name`` or a mask
     the split rules of :mod:`jaxbn._normalize` run instead). Where the parameters' gradients sum
     over exactly the statistics' axes (batch norm), gamma is constant over them, so
@@ -178,16 +205,17 @@ def alt_rule(config: Config, residuals: Residuals,
     if grad_axes == config.stat_axes:
         # Batch norm: inv_std is constant over the summed axes and factors out.
         dgamma = jnp.sum(dy32 * xmu, axis=grad_axes, keepdims=True) * inv_std
-        sum_g, sum_g_xhat = gamma32 * dbeta, gamma32 * dgamma
+        sum_g, sum_g_xhat = gamma32 * dbeta, jnp.real(gamma32 * dgamma)
     else:
         dgamma = jnp.sum(dy32 * xmu * inv_std, axis=grad_axes, keepdims=True)
         g = dy32 * gamma32
         sum_g = sum_over(g, config.stat_axes, config.axis_name)
-        sum_g_xhat = sum_over(g * xmu, config.stat_axes, config.axis_name) * inv_std
-    # dx = gamma * inv_std * dy - inv_std / m * (sum_g + x_hat * sum_g_xhat)
+        sum_g_xhat = sum_over(jnp.real(g * xmu), config.stat_axes, config.axis_name) * inv_std
+    # dx = gamma * inv_std * dy - inv_std / m * (sum_g + conj(x_hat) * sum_g_xhat)
     dx = ((gamma32 * inv_std) * dy32 - (inv_std / count) * sum_g
-          + (inv_std * inv_std / count * sum_g_xhat) * (mean - x.astype(dtype)))
-    return dx.astype(x.dtype), dgamma.astype(gamma.dtype), dbeta
+          + (inv_std * inv_std / count * sum_g_xhat) * jnp.conj(mean - x.astype(dtype)))
+    return (dx.astype(x.dtype), param_cotangent(dgamma, gamma.dtype),
+            param_cotangent(dbeta, gamma.dtype))
 
 
 def graph_rule(config: Config, residuals: Residuals,
@@ -196,15 +224,17 @@ def graph_rule(config: Config, residuals: Residuals,
 
     Forward graph, with sums over the statistics' axes and ``m`` values per statistic::
 
-        mu = sum(x) / m;  xmu = x - mu;  var = sum(xmu^2) / m;  sqrtvar = sqrt(var + eps)
+        mu = sum(x) / m;  xmu = x - mu;  var = sum(|xmu|^2) / m;  sqrtvar = sqrt(var + eps)
         ivar = 1 / sqrtvar;  x_hat = xmu * ivar;  y = gamma * x_hat + beta
 
-    Backward, one node at a time in reverse (the two paths into ``xmu`` and into ``x`` add)::
+    Backward, one node at a time in reverse (the two paths into ``xmu`` and into ``x`` add; the
+    real ``ivar`` and ``var`` take real parts, and ``|xmu|^2`` pulls back ``2 conj(xmu)``, which
+    for real data is the familiar ``2 xmu``)::
 
         dbeta = sum(dy);  dgamma = sum(dy * x_hat);  dx_hat = dy * gamma
-        divar = sum(dx_hat * xmu);  dxmu1 = dx_hat * ivar
+        divar = sum(re(dx_hat * xmu));  dxmu1 = dx_hat * ivar
         dsqrtvar = -divar / sqrtvar^2;  dvar = 0.5 * dsqrtvar / sqrtvar
-        dxmu2 = 2 * xmu * dvar / m;  dx1 = dxmu1 + dxmu2
+        dxmu2 = 2 * conj(xmu) * dvar / m;  dx1 = dxmu1 + dxmu2
         dmu = -sum(dx1);  dx = dx1 + dmu / m
     """
     x, mean, inv_std, gamma = residuals
@@ -218,12 +248,13 @@ def graph_rule(config: Config, residuals: Residuals,
     dbeta = jnp.sum(dy32, axis=config.grad_axes, keepdims=True)
     dgamma = jnp.sum(dy32 * x_hat, axis=config.grad_axes, keepdims=True)
     dx_hat = dy32 * gamma.astype(dtype)
-    divar = sum_over(dx_hat * xmu, config.stat_axes, config.axis_name)
+    divar = sum_over(jnp.real(dx_hat * xmu), config.stat_axes, config.axis_name)
     dxmu1 = dx_hat * ivar
     dsqrtvar = -divar / jnp.square(sqrtvar)
     dvar = 0.5 * dsqrtvar / sqrtvar
-    dxmu2 = 2.0 * xmu * dvar / count
+    dxmu2 = 2.0 * jnp.conj(xmu) * dvar / count
     dx1 = dxmu1 + dxmu2
     dmu = -sum_over(dx1, config.stat_axes, config.axis_name)
     dx = dx1 + dmu / count
-    return dx.astype(x.dtype), dgamma.astype(gamma.dtype), dbeta
+    return (dx.astype(x.dtype), param_cotangent(dgamma, gamma.dtype),
+            param_cotangent(dbeta, gamma.dtype))

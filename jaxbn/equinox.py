@@ -3,15 +3,19 @@
 Each is a subclass of the ``equinox.nn`` layer of the same name, with its fields, constructor
 arguments and call convention: per-example calls, ``(out, state)`` with ``eqx.nn.State``
 (``eqx.nn.make_with_state``), and for ``BatchNorm`` a ``jax.vmap``/``eqx.filter_vmap`` with a
-matching ``axis_name`` around the call. Replacing ``eqx.nn.BatchNorm(..., mode="batch")`` by
+matching ``axis_name`` around the call (unbound, it raises JAX's ``NameError``, as Equinox's
+layer does; inference needs no bound axis). They work in ``eqx.nn.Sequential``, under
+``eqx.filter_jit`` and ``eqx.filter_vmap``, with batches of one and under
+``jax.numpy_dtype_promotion("strict")``. Replacing ``eqx.nn.BatchNorm(..., mode="batch")`` by
 ``jaxbn.equinox.BatchNorm(...)`` changes no other line; the model's leaves, and so its
 serialised checkpoints, are the same. ``backward`` is an extra keyword-only option (see
 :func:`jaxbn.batch_norm`). Install with ``pip install 'jaxbn[equinox]'``.
 
-Differences from Equinox, on purpose:
+Differences from Equinox, on purpose (these and no others):
   * ``BatchNorm`` implements ``mode="batch"`` (the default here): training normalizes with the
     batch statistics, as the paper, PyTorch and Flax do. Equinox's ``mode="ema"`` (its legacy
-    default) normalizes training batches with the running averages instead; it raises here.
+    default) normalizes training batches with the running averages instead:
+    ``BatchNorm(4, "batch", mode="ema")`` raises ``ValueError``.
   * Inference debiasing. Equinox keeps ``hidden = momentum * hidden + (1 - momentum) * batch``
     from ``hidden_mean = 0``, ``hidden_var = 1`` and reads ``hidden / (1 - momentum**t)`` after
     ``t`` batches. That divides the initial 1 of the variance too: after one batch with
@@ -19,6 +23,9 @@ Differences from Equinox, on purpose:
     follow-ups). Here the state is the same, and the read-out removes the initial value's share:
     ``var = (hidden_var - momentum**t) / (1 - momentum**t)``, exactly the normalized weighted
     average of the batch variances seen (the mean is unchanged, its initial value being 0).
+  * ``BatchNorm`` computes its statistics in float32 for bfloat16/float16 x (Equinox's in x's
+    dtype): on bfloat16 data of std 0.1 at offset 30, Equinox's outputs are off by more than 1,
+    jaxbn's by less than 0.01.
   * ``Dropout`` with ``p=1`` gives zero outputs *and* zero gradients (Equinox's are NaN).
 """
 
@@ -31,7 +38,7 @@ import jax.numpy as jnp
 from jaxbn import _adapter
 from jaxbn._batch_norm import BatchNormState, batch_norm, check_axis_name
 from jaxbn._dropout import bernoulli_dropout
-from jaxbn._layer_norm import group_norm, layer_norm
+from jaxbn._layer_norm import layer_norm, normalize_over
 
 if TYPE_CHECKING:
     import equinox as eqx
@@ -66,7 +73,18 @@ def debiased_statistics(hidden_mean, hidden_var, count, momentum):
 class BatchNorm(eqx.nn.BatchNorm):
     """``equinox.nn.BatchNorm`` (``mode="batch"``) with jaxbn's computation: see the module
     docstring. ``x`` is one example, ``(input_size, *spatial)``, under a vmap named
-    ``axis_name``."""
+    ``axis_name``.
+
+    Example:
+      >>> import equinox as eqx, jax, jax.numpy as jnp
+      >>> import jaxbn.equinox as bn
+      >>> norm, state = eqx.nn.make_with_state(bn.BatchNorm)(3, "batch")
+      >>> x = 2.0 * jax.random.normal(jax.random.key(0), (16, 3)) + 1.0  # 16 examples
+      >>> y, state = jax.vmap(norm, axis_name="batch", in_axes=(0, None),
+      ...                     out_axes=(0, None))(x, state)
+      >>> bool(jnp.allclose(y.mean(0), 0, atol=1e-5)), bool(jnp.allclose(y.std(0), 1, atol=1e-3))
+      (True, True)
+    """
 
     backward: str = eqx.field(static=True)
 
@@ -97,9 +115,11 @@ class BatchNorm(eqx.nn.BatchNorm):
         hidden_mean, hidden_var = state.get(self.batch_state_index)
         stats = (debiased_statistics(hidden_mean, hidden_var, count, self.momentum) if frozen
                  else (hidden_mean, hidden_var))
+        # Equinox takes a batch of one (variance 0) and needs the axis bound only in training.
         y, new = batch_norm(x[None], self.weight, self.bias, BatchNormState(*stats),
                             train=not frozen, momentum=self.momentum, eps=self.eps, axis=1,
-                            axis_name=self.axis_name, backward=self.backward)
+                            axis_name=None if frozen else self.axis_name,
+                            backward=self.backward, allow_one_value=True)
         if not frozen:
             state = state.set(self.batch_counter, count + 1)
             state = state.set(self.batch_state_index,
@@ -130,7 +150,16 @@ class LayerNorm(eqx.nn.LayerNorm):
 
 
 class GroupNorm(eqx.nn.GroupNorm):
-    """``equinox.nn.GroupNorm`` with jaxbn's computation; ``x`` is ``(channels, *spatial)``."""
+    """``equinox.nn.GroupNorm`` with jaxbn's computation; ``x`` is ``(channels, *spatial)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import jaxbn.equinox as bn
+      >>> x = jax.random.normal(jax.random.key(0), (6, 4, 4))  # one example: (C, H, W)
+      >>> y = bn.GroupNorm(groups=3, channels=6)(x)
+      >>> bool(jnp.allclose(y.reshape(3, -1).mean(1), 0, atol=1e-6))  # per group of 2 channels
+      True
+    """
 
     backward: str = eqx.field(static=True)
 
@@ -140,10 +169,11 @@ class GroupNorm(eqx.nn.GroupNorm):
         self.backward = backward
 
     def __call__(self, x, state=_sentinel, *, key=None):
-        view = (1, x.shape[0], -1)  # one example, its channels, its positions (a free reshape)
-        out = group_norm(x.reshape(view), self.weight, self.bias, groups=self.groups,
-                         eps=self.eps, layout="NCW", backward=self.backward)
-        return _with_state(out.reshape(x.shape), state)
+        # One example, channels first: each group over its channels and every other axis.
+        out = normalize_over(x, self.weight, self.bias, axes=tuple(range(1, x.ndim)),
+                             param_axes=0, groups=self.groups, eps=self.eps,
+                             backward=self.backward)
+        return _with_state(out, state)
 
 
 class Dropout(eqx.nn.Dropout):

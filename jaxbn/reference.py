@@ -62,6 +62,7 @@ def normalize(x: jax.Array, gamma: jax.Array, beta: jax.Array, stat_axes: Sequen
       ([[-1.0], [1.0]], [[2.0]], [[1.0]])
     """
     dtype = _float_dtype(x.dtype, gamma.dtype, beta.dtype)
+    real = jnp.finfo(dtype).dtype  # the counts' and the variance's dtype
     axes = tuple(stat_axes)
     xs = x.astype(dtype)
     if mask is None:
@@ -69,11 +70,12 @@ def normalize(x: jax.Array, gamma: jax.Array, beta: jax.Array, stat_axes: Sequen
     else:
         valid = jnp.broadcast_to(mask, xs.shape)
         xs = jnp.where(valid, xs, 0)
-    count = _psum(jnp.sum(valid.astype(dtype), axes, keepdims=True), axis_name)
+    count = _psum(jnp.sum(valid.astype(real), axes, keepdims=True), axis_name)
     count = jnp.maximum(count, 1)
     mean = _psum(jnp.sum(xs, axes, keepdims=True), axis_name) / count
     centered = jnp.where(valid, xs - mean, 0)
-    var = _psum(jnp.sum(centered * centered, axes, keepdims=True), axis_name) / count
+    squares = jnp.real(centered * jnp.conj(centered))
+    var = _psum(jnp.sum(squares, axes, keepdims=True), axis_name) / count
     y = centered / jnp.sqrt(var + eps) * gamma.astype(dtype) + beta.astype(dtype)
     y = jnp.where(valid, y, 0)
     return y.astype(x.dtype), mean, var
@@ -143,9 +145,12 @@ def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *,
 
 
 def group_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, groups: int,
-               eps: float = 1e-5, layout: str = "NCHW") -> jax.Array:
+               eps: float = 1e-5, layout: str = "NCHW",
+               axes: Sequence[int] | None = None) -> jax.Array:
     """Group norm of channels-first (``N, C, ...``) or channels-last (``N, ..., C``) data with
     per-channel ``gamma``/``beta`` of shape ``(C,)``: a loop over the groups, no reshape trick.
+    Each group's statistics cover its channels and ``axes`` (non-negative, without the channel
+    axis; default every axis but the batch axis 0).
 
     Example:
       >>> import jax.numpy as jnp
@@ -163,7 +168,8 @@ def group_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, groups: int,
     for g in range(groups):
         index = tuple(slice(g * size, (g + 1) * size) if a == channel_axis else slice(None)
                       for a in range(x.ndim))
-        stat_axes = tuple(range(1, x.ndim))
+        stat_axes = (tuple(range(1, x.ndim)) if axes is None
+                     else tuple(sorted({*axes, channel_axis})))
         pieces.append(normalize(x[index], gamma[index], beta[index], stat_axes, eps)[0])
     return jnp.concatenate(pieces, axis=channel_axis)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -51,31 +52,43 @@ def test_adapter_without_its_framework_says_which_extra_to_install(module, block
     assert f"pip install 'jaxbn[{extra}]'" in done.stderr
 
 
-def test_position_mask_takes_flax_masks_that_are_constant_along_the_features():
-    shape = (6, 4, 3)
-    mask = jnp.arange(6)[:, None, None] % 2 == 0  # broadcasts against x, size 1 on the features
-    out = _adapter.position_mask(mask, shape, 2)
-    assert out.shape == (6, 1)
-    assert _adapter.position_mask(jnp.ones((4, 1), bool), shape, 2).shape == (1, 4)
-    with pytest.raises(ValueError, match="size 1 along the feature axis 2"):
-        _adapter.position_mask(jnp.ones(shape, bool), shape, 2)
+def test_flax_masks_take_x_s_rank_and_may_vary_along_the_features():
+    mask = jnp.arange(4)[:, None] % 2 == 0  # broadcasts against x of shape (6, 4, 3)
+    assert _adapter.flax_mask(mask, 3).shape == (1, 4, 1)
+    assert _adapter.flax_mask(jnp.ones((6, 4, 3), bool), 3).shape == (6, 4, 3)  # per entry
+    assert _adapter.flax_mask(None, 3) is None
     with pytest.raises(TypeError, match="boolean"):
-        _adapter.position_mask(jnp.ones((6, 1, 1)), shape, 2)
+        _adapter.flax_mask(jnp.ones((6, 1, 1)), 3)
     with pytest.raises(ValueError, match="broadcast"):
-        _adapter.position_mask(jnp.ones((1, 6, 4, 1), bool), shape, 2)
+        _adapter.flax_mask(jnp.ones((1, 6, 4, 1), bool), 3)
 
 
-def test_axes_and_unsupported_options_are_named():
+def test_dtype_rules_are_the_frameworks_and_hold_under_strict_promotion():
+    bf16, f32 = jnp.ones(3, jnp.bfloat16), jnp.ones(3, jnp.float32)
+    with jax.numpy_dtype_promotion("strict"):
+        # Flax's promote_dtype: a given dtype, else the common one (None kept).
+        assert [a.dtype for a in _adapter.promote((bf16, f32, None))[:2]] == [f32.dtype] * 2
+        assert _adapter.promote((f32, None), jnp.bfloat16)[0].dtype == jnp.bfloat16
+        assert _adapter.promote((jnp.ones(2, jnp.int32),))[0].dtype == jnp.float32
+        # Linen: statistics from x as given, dtype for the output only; x cast up, never down.
+        x, out = _adapter.linen_dtypes(f32, (f32,), jnp.bfloat16)
+        assert (x.dtype, out) == (jnp.float32, jnp.bfloat16)
+        x, out = _adapter.linen_dtypes(bf16, (f32, None), None)
+        assert (x.dtype, out) == (jnp.float32, jnp.float32)
+        x, out = _adapter.linen_dtypes(bf16, (bf16,), jnp.float16)
+        assert (x.dtype, out) == (jnp.float32, jnp.float16)
+
+
+def test_axes_and_mode_flags_are_named():
     assert _adapter.canonical_axes("axis", -1, 3) == (2,)
     assert _adapter.canonical_axes("reduction_axes", (2, -2), 3) == (1, 2)
     with pytest.raises(ValueError, match="reduction_axes must be axes of x"):
         _adapter.canonical_axes("reduction_axes", (3,), 3)
-    with pytest.raises(ValueError, match="does not support axis_name"):
-        _adapter.unsupported("LayerNorm", axis_name="batch")
-    _adapter.unsupported("LayerNorm", axis_name=None)
     with pytest.raises(TypeError, match="use_running_average must be a Python bool"):
         _adapter.choose("use_running_average", jnp.array(True), None, "")
     with pytest.raises(ValueError, match="pass it"):
         _adapter.choose("use_running_average", None, None, "pass it")
+    with pytest.raises(ValueError, match="^the framework's own words$"):
+        _adapter.choose("deterministic", None, None, "", message="the framework's own words")
     assert _adapter.choose("deterministic", None, True, "") is True
     assert _adapter.choose("deterministic", False, True, "") is False

@@ -432,3 +432,122 @@ def test_integer_inputs_promote_to_the_default_float(x64):
                                  np.zeros(4, np.int32), jaxbn.init_batch_norm_state(4),
                                  train=True)
         assert y2.dtype == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Complex x (Flax's complex batch norm: a complex mean, the real variance mean(|x - mean|^2)).
+
+
+def _complex(seed, shape, offset=0.0):
+    return jax.lax.complex(rand(seed, shape, scale=2.0, offset=offset), rand(seed + 1, shape))
+
+
+def _as_real(f):
+    """A function of complex ``(x, gamma, beta)`` as one of their real and imaginary parts with
+    the output's stacked: a real function, which the gradient checks take. JAX's complex
+    cotangent convention is what the hand-written rules must follow for this to agree."""
+    def real_f(xr, xi, gr, gi, br, bi):
+        y = f(jax.lax.complex(xr, xi), jax.lax.complex(gr, gi), jax.lax.complex(br, bi))
+        return jnp.stack([jnp.real(y), jnp.imag(y)])
+    return real_f
+
+
+@pytest.mark.parametrize("backward,masked", [("alt", False), ("graph", False), ("alt", True),
+                                             ("autodiff", True)],
+                         ids=["alt", "graph", "alt-mask", "autodiff-mask"])
+def test_complex_vjp_matches_the_oracle_and_finite_differences(backward, masked):
+    x = _complex(0, (7, 3), offset=1.5)
+    mask = (jnp.arange(21).reshape(7, 3) % 4 != 1) if masked else None  # per entry
+    state = jaxbn.init_batch_norm_state(3, jnp.complex128)
+    ours = lambda x, g, b: jaxbn.batch_norm(x, g, b, state, train=True, backward=backward,
+                                            mask=mask)[0]
+    naive = lambda x, g, b: reference.normalize(x, g[None], b[None], (0,), 1e-5, mask=mask)[0]
+    parts = (jnp.real(x), jnp.imag(x), rand(2, (3,), offset=1.0), rand(3, (3,)), rand(4, (3,)),
+             rand(5, (3,)))
+    testing.check_vjp(_as_real(ours), _as_real(naive), *parts)
+    testing.check_finite_differences(_as_real(ours), *parts)
+    # Real gamma and beta: their cotangents are the real parts.
+    real_params = lambda xr, xi, g, b: _as_real(lambda x, g_, b_: ours(x, jnp.real(g_),
+                                                                        jnp.real(b_)))(
+        xr, xi, g, jnp.zeros(3), b, jnp.zeros(3))
+    testing.check_finite_differences(real_params, *parts[:3], parts[4])
+
+
+def test_complex_statistics_and_running_state():
+    x = _complex(6, (9, 2), offset=-1.0)
+    state = jaxbn.init_batch_norm_state(2, jnp.complex128)
+    assert state.mean.dtype == jnp.complex128 and state.var.dtype == jnp.float64
+    y, new = jaxbn.batch_norm(x, None, None, state, train=True, momentum=0.8)
+    xs = np.asarray(x)
+    mean = xs.mean(0)
+    var = (np.abs(xs - mean) ** 2).mean(0)  # real: the variance of complex values
+    np.testing.assert_allclose(new.mean, 0.2 * mean, rtol=1e-12)
+    np.testing.assert_allclose(new.var, 0.8 + 0.2 * var, rtol=1e-12)
+    assert new.mean.dtype == jnp.complex128 and new.var.dtype == jnp.float64
+    np.testing.assert_allclose(y, (xs - mean) / np.sqrt(var + 1e-5), rtol=1e-10)
+    y_test, same = jaxbn.batch_norm(x, jnp.full(2, 2.0), None, new, train=False)
+    np.testing.assert_allclose(y_test, 2.0 * (xs - 0.2 * mean) / np.sqrt(new.var + 1e-5),
+                               rtol=1e-10)
+    assert same.mean is new.mean or np.array_equal(same.mean, new.mean)
+    with pytest.raises(TypeError, match="state.mean must be complex for complex x"):
+        jaxbn.batch_norm(x, None, None, jaxbn.init_batch_norm_state(2), train=True)
+    with pytest.raises(TypeError, match="gamma must be a floating"):  # complex gamma, real x
+        jaxbn.batch_norm(jnp.ones((4, 2)), jnp.ones(2, jnp.complex64), None,
+                         jaxbn.init_batch_norm_state(2), train=True)
+    with pytest.raises(ValueError, match="renorm= is not available for complex x"):
+        jaxbn.batch_norm(x, None, None, state, train=True, renorm=dict(r_max=2.0, d_max=1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# A mask per entry: each feature's statistics over its own valid entries.
+
+
+def test_mask_per_entry_gives_each_feature_its_own_statistics():
+    x = rand(7, (10, 4), scale=2.0, offset=1.0)
+    mask = (jax.random.bernoulli(jax.random.key(1), 0.6, (10, 4)).at[:3, :3].set(True)
+            .at[:, 3].set(False))  # feature 3 has no valid entry
+    state = jaxbn.BatchNormState(jnp.full(4, 3.0), jnp.full(4, 2.0), jnp.zeros((), jnp.int32))
+    ours = lambda x, g, b: jaxbn.batch_norm(x, g, b, state, train=True, mask=mask)[0]
+    naive = lambda x, g, b: reference.normalize(x, g[None], b[None], (0,), 1e-5, mask=mask)[0]
+    gamma, beta = _params(4, jnp.float64)
+    testing.check_vjp(ours, naive, x, gamma, beta)
+    testing.check_finite_differences(ours, x, gamma, beta)
+    _, new = jaxbn.batch_norm(x, gamma, beta, state, train=True, mask=mask, momentum=0.5,
+                              running_var="unbiased")
+    for f in range(3):
+        valid = np.asarray(x)[np.asarray(mask[:, f]), f]
+        np.testing.assert_allclose(new.mean[f], 0.5 * 3.0 + 0.5 * valid.mean(), rtol=1e-12)
+        np.testing.assert_allclose(new.var[f], 0.5 * 2.0 + 0.5 * valid.var(ddof=1), rtol=1e-12)
+    assert float(new.mean[3]) == 3.0 and float(new.var[3]) == 2.0  # kept: nothing to average
+    assert int(new.count) == 1
+    # spatial: a mask of x's shape, one flag per entry
+    xi = rand(8, (3, 2, 4, 4))
+    mask_i = rand(9, (3, 2, 4, 4)) > -0.5
+    y, _ = jaxbn.spatial_batch_norm(xi, None, None, jaxbn.init_batch_norm_state(2, jnp.float64),
+                                    train=True, mask=mask_i)
+    expected = reference.normalize(xi, jnp.ones((1, 2, 1, 1)), jnp.zeros((1, 2, 1, 1)),
+                                   (0, 2, 3), 1e-5, mask=mask_i)[0]
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# One value per feature (a batch of one): refused by default, as PyTorch does; allowed for the
+# framework adapters, whose frameworks compute it (variance 0, y = beta).
+
+
+@pytest.mark.parametrize("backward", ["alt", "graph", "autodiff"])
+def test_one_value_per_feature_normalizes_to_beta_when_allowed(backward):
+    x = rand(10, (1, 4), offset=2.0)
+    gamma, beta = _params(4, jnp.float64)
+    state = jaxbn.init_batch_norm_state(4, jnp.float64)
+    with pytest.raises(ValueError, match="at least 2 values per feature.*allow_one_value=True"):
+        jaxbn.batch_norm(x, gamma, beta, state, train=True, backward=backward)
+    ours = lambda x, g, b: jaxbn.batch_norm(x, g, b, state, train=True, backward=backward,
+                                            allow_one_value=True)[0]
+    np.testing.assert_array_equal(ours(x, gamma, beta), beta[None])
+    # dx is 0; the rules get it as a difference of terms of size inv_std = 316 (atol).
+    testing.check_vjp(ours, lambda x, g, b: reference.normalize(x, g, b, (0,), 1e-5)[0], x,
+                      gamma, beta, atol=1e-12)
+    _, new = jaxbn.batch_norm(x, gamma, beta, state, train=True, allow_one_value=True)
+    np.testing.assert_allclose(new.mean, 0.1 * x[0], rtol=1e-12)
+    np.testing.assert_allclose(new.var, 0.9, rtol=1e-12)  # the batch variance of one value: 0

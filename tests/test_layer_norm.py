@@ -9,6 +9,7 @@ import pytest
 
 import jaxbn
 from jaxbn import reference, testing
+from jaxbn._layer_norm import normalize_over
 
 from helpers import rand
 
@@ -176,3 +177,83 @@ def test_bad_input(which, override, options, error, match, jit):
         call = jax.jit(call)
     with pytest.raises(error, match=match):
         call(args["x"], args["gamma"], args["beta"])
+
+
+# ---------------------------------------------------------------------------------------------
+# normalize_over: the core behind the framework adapters, statistics over any axes (Flax's
+# reduction_axes / feature_axes), layer norm and group norm alike.
+
+OVER_CASES = [
+    # (shape, axes, param_axes, groups)
+    ((3, 4, 5), (1,), (1,), None),  # a middle axis
+    ((2, 3, 4, 5), (1, 2), (3,), None),  # instance norm's form: parameters off the statistics
+    ((6, 2, 3), (0,), (1, 2), None),  # over the batch axis: batch norm's arithmetic
+    ((3, 4, 8), (0, 1), (2,), 4),  # group norm over the whole batch
+    ((2, 3, 2, 2, 4), (0, 1, 3), (4,), 2),  # reduced axes with a gap
+]
+OVER_IDS = ["middle", "instance", "over-batch", "group-whole-batch", "group-gap"]
+
+
+def _over_reference(shape, axes, param_axes, groups):
+    if groups is not None:  # the oracle's loop over groups, channels last
+        return lambda x, g, b: reference.group_norm(x, g, b, groups=groups, layout="NWC",
+                                                    axes=axes)
+    view = tuple(n if a in param_axes else 1 for a, n in enumerate(shape))
+    return lambda x, g, b: reference.normalize(x, g.reshape(view), b.reshape(view), axes,
+                                               1e-5)[0]
+
+
+@pytest.mark.parametrize("backward", RULES)
+@pytest.mark.parametrize("shape,axes,param_axes,groups", OVER_CASES, ids=OVER_IDS)
+def test_normalize_over_any_axes_matches_the_oracle(backward, shape, axes, param_axes, groups):
+    x = rand(0, shape, scale=2.0, offset=1.0)
+    pshape = tuple(shape[a] for a in param_axes)
+    gamma, beta = rand(1, pshape, offset=1.0), rand(2, pshape)
+    ours = lambda x, g, b: normalize_over(x, g, b, axes=axes, param_axes=param_axes,
+                                          groups=groups, backward=backward)
+    testing.check_vjp(ours, _over_reference(shape, axes, param_axes, groups), x, gamma, beta)
+
+
+@pytest.mark.parametrize("case", [0, 4], ids=["middle", "group-gap"])
+def test_normalize_over_finite_differences_and_mask(case):
+    shape, axes, param_axes, groups = OVER_CASES[case]
+    x = rand(3, shape, scale=2.0)
+    mask = rand(4, shape) > -0.8
+    pshape = tuple(shape[a] for a in param_axes)
+    ours = lambda x, g, b: normalize_over(x, g, b, axes=axes, param_axes=param_axes,
+                                          groups=groups, mask=mask)
+    testing.check_finite_differences(ours, x, rand(5, pshape, offset=1.0), rand(6, pshape))
+    if groups is None:
+        view = tuple(n if a in param_axes else 1 for a, n in enumerate(shape))
+        naive = lambda x, g, b: reference.normalize(x, g.reshape(view), b.reshape(view), axes,
+                                                    1e-5, mask=mask)[0]
+        testing.check_vjp(ours, naive, x, rand(5, pshape, offset=1.0), rand(6, pshape))
+
+
+def test_normalize_over_a_sharded_axis_under_vmap_is_the_whole_axis():
+    x = rand(7, (4, 6, 3), scale=2.0, offset=0.5)  # the reduced axis 1 split over 2 "devices"
+    gamma, beta = rand(8, (3,), offset=1.0), rand(9, (3,))
+    whole = lambda x, g, b: normalize_over(x, g, b, axes=1, param_axes=2)
+
+    def sharded(x, g, b):
+        parts = x.reshape(4, 2, 3, 3).transpose(1, 0, 2, 3)
+        y = jax.vmap(lambda p: normalize_over(p, g, b, axes=1, param_axes=2, axis_name="d"),
+                     axis_name="d")(parts)
+        return y.transpose(1, 0, 2, 3).reshape(4, 6, 3)
+    testing.check_vjp(sharded, whole, x, gamma, beta)
+
+
+def test_normalize_over_bad_arguments_name_the_fix():
+    x = jnp.ones((2, 4, 6))
+    with pytest.raises(ValueError, match="axes must name each axis of x once"):
+        normalize_over(x, None, None, axes=(1, -2), param_axes=2)
+    with pytest.raises(ValueError, match="param_axes must be in"):
+        normalize_over(x, None, None, axes=1, param_axes=3)
+    with pytest.raises(ValueError, match="the one channel axis, not among axes"):
+        normalize_over(x, None, None, axes=(1, 2), param_axes=2, groups=2)
+    with pytest.raises(ValueError, match="groups must be a positive divisor of the 6 channels"):
+        normalize_over(x, None, None, axes=1, param_axes=2, groups=4)
+    with pytest.raises(ValueError, match=r"gamma must have shape \(4, 6\)"):
+        normalize_over(x, jnp.ones(24), None, axes=1, param_axes=(1, 2))
+    with pytest.raises(NameError, match="axis_name 'd' is not bound"):
+        normalize_over(x, None, None, axes=1, param_axes=2, axis_name="d")

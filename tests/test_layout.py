@@ -31,6 +31,17 @@ CASES = [
      (1, 2, 2, 1), (4,)),
     ((2, 3, 4, 5, 6), "group", dict(image_layout="NDHWC", groups=3), (2, 3, 4, 5, 3, 2),
      (1, 2, 3, 5), (1, 1, 1, 1, 3, 2), (6,)),
+    # Flax's axes: layer norm over a middle axis; instance norm's form (parameters along an axis
+    # the statistics do not reduce); group norm over the batch axis too, and over axes with a gap.
+    ((2, 3, 4), "layer", dict(axes=(1,), param_axes=(1,)), (2, 3, 4), (1,), (1, 3, 1), (3,)),
+    ((2, 3, 4, 5), "layer", dict(axes=(1, 2), param_axes=(3,)), (2, 3, 4, 5), (1, 2),
+     (1, 1, 1, 5), (5,)),
+    ((3, 4, 8), "group", dict(axis=2, groups=4, axes=(0, 1)), (3, 4, 4, 2), (0, 1, 3),
+     (1, 1, 4, 2), (8,)),
+    ((2, 3, 5, 2, 6), "group", dict(axis=4, groups=3, axes=(0, 1, 3)), (2, 3, 5, 2, 3, 2),
+     (0, 1, 3, 5), (1, 1, 1, 1, 3, 2), (6,)),
+    ((2, 6, 5), "group", dict(axis=1, groups=2, axes=(2,)), (2, 2, 3, 5), (2, 3), (1, 2, 3, 1),
+     (6,)),
 ]
 
 

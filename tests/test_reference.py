@@ -90,3 +90,24 @@ def test_oracle_mask_selects_so_padding_cannot_leak():
         x, jnp.ones((1, 1)), jnp.zeros((1, 1)), (0,), 1e-5, mask=mask)[0]
         * jnp.arange(4.0)[:, None]))(x)
     assert np.all(np.isfinite(grad)) and grad[1, 0] == 0 and grad[3, 0] == 0
+
+
+def test_oracle_complex_statistics_and_group_axes_match_their_definitions():
+    """The oracle's new cases against numpy: complex batch norm (a complex mean, the real
+    variance of |x - mean|), and group norm with statistics over the batch axis too."""
+    x = np.asarray(jax.lax.complex(rand(3, (5, 2)), rand(4, (5, 2))))
+    y, mean, var = reference.normalize(jnp.asarray(x), jnp.ones((1, 2)), jnp.zeros((1, 2)),
+                                       (0,), 1e-5)
+    m = x.mean(0, keepdims=True)
+    v = np.mean((x - m).real ** 2 + (x - m).imag ** 2, 0, keepdims=True)
+    assert var.dtype == jnp.float64 and mean.dtype == jnp.complex128
+    np.testing.assert_allclose(mean, m, rtol=1e-12)
+    np.testing.assert_allclose(var, v, rtol=1e-12)
+    np.testing.assert_allclose(y, (x - m) / np.sqrt(v + 1e-5), rtol=1e-12)
+    xg = rand(5, (3, 4, 6))  # channels last, 3 groups of 2, statistics over axes 0, 1 as well
+    yg = np.asarray(reference.group_norm(xg, jnp.ones(6), jnp.zeros(6), groups=3, layout="NWC",
+                                         axes=(0, 1)))
+    blocks = np.asarray(xg).reshape(3, 4, 3, 2)
+    expected = (blocks - blocks.mean((0, 1, 3), keepdims=True)) / np.sqrt(
+        blocks.var((0, 1, 3), keepdims=True) + 1e-5)
+    np.testing.assert_allclose(yg, expected.reshape(3, 4, 6), rtol=1e-12, atol=1e-12)
