@@ -61,6 +61,14 @@ def debiased_statistics(hidden_mean, hidden_var, count, momentum):
     ``hidden = w * initial + (1 - momentum) * sum_k momentum**(count - k) * batch_k``, so the
     normalized average of the batches is ``(hidden - w * initial) / (1 - w)``. Before any batch
     (``count == 0``) it is the initial ``(0, 1)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxbn.equinox as bn
+      >>> # one batch of mean 2 and variance 3 at momentum 0.9: hidden = 0.9 * initial + 0.1 * batch
+      >>> mean, var = bn.debiased_statistics(jnp.float32(0.2), jnp.float32(0.9 + 0.3), 1, 0.9)
+      >>> round(float(mean), 5), round(float(var), 5)  # the batch's own statistics
+      (2.0, 3.0)
     """
     w = jnp.asarray(momentum, hidden_mean.dtype) ** count
     seen = count > 0
@@ -129,7 +137,18 @@ class BatchNorm(eqx.nn.BatchNorm):
 
 
 class LayerNorm(eqx.nn.LayerNorm):
-    """``equinox.nn.LayerNorm`` with jaxbn's computation over all of ``x`` (shape ``shape``)."""
+    """``equinox.nn.LayerNorm`` with jaxbn's computation over all of ``x`` (shape ``shape``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import jaxbn.equinox as bn
+      >>> norm = bn.LayerNorm((4, 8))
+      >>> y = jax.vmap(norm)(3.0 + jax.random.normal(jax.random.key(0), (2, 4, 8)))  # a batch of 2
+      >>> bool(jnp.allclose(y.mean((1, 2)), 0, atol=1e-6))
+      True
+      >>> bool(jnp.allclose(y.std((1, 2)), 1, atol=1e-3))
+      True
+    """
 
     backward: str = eqx.field(static=True)
 
@@ -177,7 +196,18 @@ class GroupNorm(eqx.nn.GroupNorm):
 
 
 class Dropout(eqx.nn.Dropout):
-    """``equinox.nn.Dropout`` on :func:`jaxbn.dropout`: the same key gives the same mask."""
+    """``equinox.nn.Dropout``: the same key drops the same entries as Equinox's
+    (``jax.random.bernoulli``), and the backward keeps a bit-packed mask.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import jaxbn.equinox as bn
+      >>> y = bn.Dropout(p=0.5)(jnp.ones(1000), key=jax.random.key(0))
+      >>> sorted(set(y.tolist())), 400 < int((y == 0).sum()) < 600  # kept entries scaled by 1 / 0.5
+      ([0.0, 2.0], True)
+      >>> bool((bn.Dropout(p=0.5, inference=True)(jnp.ones(3)) == 1).all())  # no key needed
+      True
+    """
 
     def __call__(self, x, *, key=None, inference: bool | None = None,
                  deterministic: bool | None = None):

@@ -85,6 +85,22 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
         along its first axis over all of the mesh's devices and everything else replicated, in
         and out; ``B`` must be a multiple of the device count. On several processes pass the
         batch through :func:`shard_batch` (numpy inputs must be whole on one process).
+
+    Example:
+      >>> import jax, optax
+      >>> from jaxbn import nets, training
+      >>> x = jax.random.normal(jax.random.key(0), (64, 8))
+      >>> y = (x[:, 0] > 0).astype(int)  # two classes
+      >>> params, state = nets.init_mlp(jax.random.key(1), 8, [16], 2, normalization="batchnorm",
+      ...                               weight_scale=0.1)
+      >>> opt = optax.sgd(0.5)
+      >>> step = training.make_train_step(nets.apply_mlp, opt)
+      >>> opt_state = opt.init(params)
+      >>> for i in range(20):
+      ...     params, state, opt_state, metrics = step(params, state, opt_state, (x, y),
+      ...                                              jax.random.key(i))
+      >>> float(metrics["loss"]) < 0.5, metrics["accuracy"].shape
+      (True, ())
     """
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"optimizer must be an optax.GradientTransformation (e.g. "
@@ -121,6 +137,18 @@ class TrainState(NamedTuple):
     """Everything :func:`fit` carries from one epoch to the next.
 
     Every array leaf has a leading model axis ``M`` (1 for a single model).
+
+    Example:
+      >>> import jax, optax
+      >>> from jaxbn import nets, training
+      >>> x = jax.random.normal(jax.random.key(0), (64, 8))
+      >>> y = (x[:, 0] > 0).astype(int)  # two classes
+      >>> params, state = nets.init_mlp(jax.random.key(1), 8, [16], 2, normalization="batchnorm",
+      ...                               weight_scale=0.1)
+      >>> stacked = jax.tree.map(lambda a: a[None], (params, state))  # a model axis of 1
+      >>> ts = training.init_train_state(*stacked, optax.sgd(0.1))
+      >>> ts.epoch, ts.best_val_acc.shape, ts.history["loss"].shape
+      (0, (1,), (0, 1))
     """
 
     params: Any
@@ -134,7 +162,20 @@ class TrainState(NamedTuple):
 
 
 class FitResult(NamedTuple):
-    """What :func:`fit` returns. With ``stacked=True`` every array has a leading model axis."""
+    """What :func:`fit` returns. With ``stacked=True`` every array has a leading model axis.
+
+    Example:
+      >>> import jax, optax
+      >>> from jaxbn import nets, training
+      >>> x = jax.random.normal(jax.random.key(0), (64, 8))
+      >>> y = (x[:, 0] > 0).astype(int)  # two classes
+      >>> params, state = nets.init_mlp(jax.random.key(1), 8, [16], 2, normalization="batchnorm",
+      ...                               weight_scale=0.1)
+      >>> result = training.fit(nets.apply_mlp, params, state, optax.sgd(0.1), (x, y),
+      ...                       key=jax.random.key(2), epochs=2, batch_size=32, progress=False)
+      >>> isinstance(result, training.FitResult), int(result.net_state.batch_norm[0].count)
+      (True, 4)
+    """
 
     params: Any  # final parameters
     net_state: Any  # final running statistics
@@ -147,7 +188,20 @@ class FitResult(NamedTuple):
 
 def init_train_state(params: Any, net_state: Any,
                      optimizer: optax.GradientTransformation) -> TrainState:
-    """The state before the first epoch, for stacked ``params``/``net_state`` (leading axis M)."""
+    """The state before the first epoch, for stacked ``params``/``net_state`` (leading axis M).
+
+    Example:
+      >>> import jax, optax
+      >>> from jaxbn import nets, training
+      >>> x = jax.random.normal(jax.random.key(0), (64, 8))
+      >>> y = (x[:, 0] > 0).astype(int)  # two classes
+      >>> params, state = nets.init_mlp(jax.random.key(1), 8, [16], 2, normalization="batchnorm",
+      ...                               weight_scale=0.1)
+      >>> two = jax.tree.map(lambda a: jax.numpy.stack([a, a]), (params, state))  # M = 2 models
+      >>> ts = training.init_train_state(*two, optax.adam(1e-3))
+      >>> ts.params["W1"].shape, ts.best_val_acc.tolist()  # no epoch yet: best accuracy -1
+      ((2, 8, 16), [-1.0, -1.0])
+    """
     num_models = jax.tree.leaves(params)[0].shape[0]
     history = {"loss": np.zeros((0, num_models), np.float32),
                "train_acc": np.zeros((0, num_models)), "val_acc": np.zeros((0, num_models))}
@@ -169,6 +223,20 @@ def make_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, *, nu
     training set on every process's host: the same permutation is drawn, each process puts its
     devices' rows of the epoch's batches on them, and the scan runs on the mesh. ``B`` must be a
     multiple of the mesh's device count.
+
+    Example:
+      >>> import jax, optax
+      >>> from jaxbn import nets, training
+      >>> x = jax.random.normal(jax.random.key(0), (64, 8))
+      >>> y = (x[:, 0] > 0).astype(int)  # two classes
+      >>> params, state = nets.init_mlp(jax.random.key(1), 8, [16], 2, normalization="batchnorm",
+      ...                               weight_scale=0.1)
+      >>> opt = optax.sgd(0.1)
+      >>> p, s = jax.tree.map(lambda a: a[None], (params, state))  # one stacked model
+      >>> epoch = training.make_epoch(nets.apply_mlp, opt, num_examples=64, batch_size=16)
+      >>> p, s, o, losses = epoch(p, s, jax.vmap(opt.init)(p), x, y, jax.random.key(3))
+      >>> losses.shape  # 64 // 16 steps, 1 model
+      (4, 1)
     """
     step = make_train_step(apply_fn, optimizer, reg=reg, loss_fn=loss_fn, jit=False)
     batched_step = jax.vmap(step, in_axes=(0, 0, 0, None, None))
@@ -219,6 +287,18 @@ def make_predict(apply_fn: ApplyFn, *, mesh: Mesh | None = None) -> Callable:
     With ``mesh``, ``x`` (host data, the same on every process) is split over the mesh's devices
     (zero-padded to a multiple of their count: in test mode each example's scores are its own)
     and the predictions come back whole to every process, as a numpy array.
+
+    Example:
+      >>> import jax, optax
+      >>> from jaxbn import nets, training
+      >>> x = jax.random.normal(jax.random.key(0), (64, 8))
+      >>> y = (x[:, 0] > 0).astype(int)  # two classes
+      >>> params, state = nets.init_mlp(jax.random.key(1), 8, [16], 2, normalization="batchnorm",
+      ...                               weight_scale=0.1)
+      >>> predict = training.make_predict(nets.apply_mlp)
+      >>> p, s = jax.tree.map(lambda a: a[None], (params, state))
+      >>> predict(p, s, x).shape  # (M, N) class indices, test mode
+      (1, 64)
     """
     def predict(params, net_state, x):
         return jax.vmap(lambda p, s: jnp.argmax(apply_fn(p, s, x, train=False)[0], -1))(
@@ -242,7 +322,20 @@ def make_predict(apply_fn: ApplyFn, *, mesh: Mesh | None = None) -> Callable:
 
 def evaluate(predict: Callable, params: Any, net_state: Any, x: Any, y: Any,
              batch_size: int = 1000) -> np.ndarray:
-    """Accuracy ``(M,)`` of stacked models on ``(x, y)``, in batches of ``batch_size``."""
+    """Accuracy ``(M,)`` of stacked models on ``(x, y)``, in batches of ``batch_size``.
+
+    Example:
+      >>> import jax, optax
+      >>> from jaxbn import nets, training
+      >>> x = jax.random.normal(jax.random.key(0), (64, 8))
+      >>> y = (x[:, 0] > 0).astype(int)  # two classes
+      >>> params, state = nets.init_mlp(jax.random.key(1), 8, [16], 2, normalization="batchnorm",
+      ...                               weight_scale=0.1)
+      >>> p, s = jax.tree.map(lambda a: a[None], (params, state))
+      >>> acc = training.evaluate(training.make_predict(nets.apply_mlp), p, s, x, y, batch_size=16)
+      >>> acc.shape, bool(0.0 <= acc[0] <= 1.0)
+      ((1,), True)
+    """
     correct = 0
     for start in range(0, x.shape[0], batch_size):
         pred = np.asarray(predict(params, net_state, x[start:start + batch_size]))
@@ -253,7 +346,23 @@ def evaluate(predict: Callable, params: Any, net_state: Any, x: Any, y: Any,
 def record_epoch(state: TrainState, params: Any, net_state: Any, opt_state: Any,
                  losses: Any, train_acc: np.ndarray, val_acc: np.ndarray) -> TrainState:
     """The state after one more epoch: histories appended, and each model's best parameters
-    replaced where its validation accuracy improved (strictly)."""
+    replaced where its validation accuracy improved (strictly).
+
+    Example:
+      >>> import jax, optax
+      >>> from jaxbn import nets, training
+      >>> x = jax.random.normal(jax.random.key(0), (64, 8))
+      >>> y = (x[:, 0] > 0).astype(int)  # two classes
+      >>> params, state = nets.init_mlp(jax.random.key(1), 8, [16], 2, normalization="batchnorm",
+      ...                               weight_scale=0.1)
+      >>> import numpy as np
+      >>> p, s = jax.tree.map(lambda a: a[None], (params, state))
+      >>> ts = training.init_train_state(p, s, optax.sgd(0.1))
+      >>> ts = training.record_epoch(ts, p, s, ts.opt_state, np.zeros((4, 1)), np.array([0.5]),
+      ...                            np.array([0.75]))
+      >>> ts.epoch, ts.best_val_acc.tolist(), ts.history["val_acc"].tolist()
+      (1, [0.75], [[0.75]])
+    """
     improved = jnp.asarray(val_acc) > state.best_val_acc
     best_params, best_net_state = _pick_improved(improved, (params, net_state),
                                                  (state.best_params, state.best_net_state))
@@ -426,6 +535,15 @@ def save_checkpoint(path: str | os.PathLike, tree: dict[str, Any],
 
     On a run of several processes every process calls it (the arrays whole on each: replicated
     or process-local); process 0 alone writes, and all return once the file is in place.
+
+    Example:
+      >>> import os, tempfile, jax.numpy as jnp
+      >>> from jaxbn import training
+      >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.npz")
+      >>> training.save_checkpoint(path, {"w": jnp.arange(3.0)}, {"epoch": 7})
+      >>> tree, meta = training.load_checkpoint(path, {"w": jnp.zeros(3)})
+      >>> tree["w"].tolist(), meta["epoch"]
+      ([0.0, 1.0, 2.0], 7)
     """
     path = os.fspath(path)
     if jax.process_index() == 0:
@@ -435,16 +553,20 @@ def save_checkpoint(path: str | os.PathLike, tree: dict[str, Any],
 
 
 def _archive(tree: dict[str, Any], metadata: dict[str, Any] | None) -> bytes:
-    arrays, meta = {}, {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                        "metadata": metadata or {}, "trees": {}}
+    trees: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "metadata": metadata or {}, "trees": trees}
     for name, subtree in tree.items():
         leaves, treedef = jax.tree.flatten(jax.device_get(subtree))
         leaves = [np.asarray(leaf) for leaf in leaves]
-        meta["trees"][name] = {"treedef": str(treedef),
+        trees[name] = {"treedef": str(treedef),
                                "shapes": [[list(a.shape), a.dtype.name] for a in leaves]}
         arrays.update({f"{name}/{i}": a for i, a in enumerate(leaves)})
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays, **{_META: np.frombuffer(json.dumps(meta).encode(), np.uint8)})
+    arrays[_META] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    savez: Any = np.savez  # numpy's stub takes any keyword for its allow_pickle flag
+    savez(buffer, **arrays)
     return buffer.getvalue()
 
 
@@ -501,6 +623,16 @@ def load_checkpoint(path: str | os.PathLike, like: dict[str, Any]) -> tuple[dict
     Raises:
       ValueError: the file is truncated or damaged, not a jaxbn checkpoint, from another
         checkpoint format version, or holds other trees, shapes or dtypes than ``like``.
+
+    Example:
+      >>> import os, tempfile, jax.numpy as jnp
+      >>> from jaxbn import training
+      >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.npz")
+      >>> training.save_checkpoint(path, {"w": jnp.ones((2, 2))})
+      >>> training.load_checkpoint(path, {"w": jnp.zeros(3)})
+      Traceback (most recent call last):
+      ...
+      ValueError: ...
     """
     path = os.fspath(path)
     arrays, meta = _read_archive(path)
@@ -527,7 +659,24 @@ def load_checkpoint(path: str | os.PathLike, like: dict[str, Any]) -> tuple[dict
 def save_train_state(path: str | os.PathLike, state: TrainState, fingerprint: dict, *,
                      devices: int = 1) -> None:
     """Checkpoints a :class:`TrainState`; ``fingerprint`` (JSON) identifies the run's settings,
-    ``devices`` is the number of devices the batch was split over."""
+    ``devices`` is the number of devices the batch was split over.
+
+    Example:
+      >>> import jax, optax
+      >>> from jaxbn import nets, training
+      >>> x = jax.random.normal(jax.random.key(0), (64, 8))
+      >>> y = (x[:, 0] > 0).astype(int)  # two classes
+      >>> params, state = nets.init_mlp(jax.random.key(1), 8, [16], 2, normalization="batchnorm",
+      ...                               weight_scale=0.1)
+      >>> import os, tempfile
+      >>> path = os.path.join(tempfile.mkdtemp(), "run.npz")
+      >>> ts = training.init_train_state(*jax.tree.map(lambda a: a[None], (params, state)),
+      ...                                optax.sgd(0.1))
+      >>> training.save_train_state(path, ts, {"lr": 0.1})
+      >>> back = training.restore_train_state(path, ts, {"lr": 0.1})
+      >>> bool((back.params["W1"] == ts.params["W1"]).all()), back.epoch
+      (True, 0)
+    """
     history = {k: v.tolist() for k, v in state.history.items()}
     save_checkpoint(path, _arrays_of(state), {"epoch": state.epoch, "fingerprint": fingerprint,
                                               "history": history, "devices": devices})
@@ -547,6 +696,23 @@ def restore_train_state(path: str | os.PathLike, like: TrainState, fingerprint: 
     same bytes. A checkpoint written with the batch split over another number of devices than
     ``devices`` resumes from the same state with a warning: the sums of each step are then split
     differently, so the numbers may differ from an uninterrupted run in the last bits.
+
+    Example:
+      >>> import jax, optax
+      >>> from jaxbn import nets, training
+      >>> x = jax.random.normal(jax.random.key(0), (64, 8))
+      >>> y = (x[:, 0] > 0).astype(int)  # two classes
+      >>> params, state = nets.init_mlp(jax.random.key(1), 8, [16], 2, normalization="batchnorm",
+      ...                               weight_scale=0.1)
+      >>> import os, tempfile
+      >>> path = os.path.join(tempfile.mkdtemp(), "run.npz")
+      >>> ts = training.init_train_state(*jax.tree.map(lambda a: a[None], (params, state)),
+      ...                                optax.sgd(0.1))
+      >>> training.save_train_state(path, ts, {"lr": 0.1})
+      >>> training.restore_train_state(path, ts, {"lr": 0.2})  # another run's settings
+      Traceback (most recent call last):
+      ...
+      ValueError: ...
     """
     path = os.fspath(path)
     _check_same_file_everywhere(path)
@@ -595,7 +761,7 @@ def _check_same_data_everywhere(sets: dict[str, tuple[np.ndarray, np.ndarray]]) 
     for name, arrays in sets.items():
         digest = 0
         for a in arrays:
-            digest = zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"), digest)
+            digest = zlib.crc32(np.ascontiguousarray(a).tobytes(), digest)
         digests = _digests_everywhere(digest)
         if len(set(digests)) > 1:
             seen = ", ".join(f"process {i}: crc {d:08x}" for i, d in enumerate(digests))
@@ -694,11 +860,12 @@ def _show(bar, state: TrainState) -> None:
 
 
 def _result(state: TrainState, stacked: bool) -> FitResult:
-    result = FitResult(*state[:6], state.history)
+    result = FitResult(state.params, state.net_state, state.opt_state, state.best_params,
+                       state.best_net_state, state.best_val_acc, state.history)
     if stacked:
         return result
-    return FitResult(*(_unstack(t) for t in result[:6]),
-                     {k: v[:, 0] for k, v in state.history.items()})
+    return result._replace(**{f: _unstack(getattr(result, f)) for f in FitResult._fields[:6]},
+                           history={k: v[:, 0] for k, v in state.history.items()})
 
 
 def fit(apply_fn: ApplyFn, params: Any, net_state: Any, optimizer: optax.GradientTransformation,
@@ -749,6 +916,20 @@ def fit(apply_fn: ApplyFn, params: Any, net_state: Any, optimizer: optax.Gradien
       set (or not a multiple of the mesh's devices), bad options, a checkpoint that is damaged or
       from another run, model or optimizer.
       RuntimeError: on several processes, contact with another process was lost.
+
+    Example:
+      >>> import jax, optax
+      >>> from jaxbn import nets, training
+      >>> x = jax.random.normal(jax.random.key(0), (64, 8))
+      >>> y = (x[:, 0] > 0).astype(int)  # two classes
+      >>> params, state = nets.init_mlp(jax.random.key(1), 8, [16], 2, normalization="batchnorm",
+      ...                               weight_scale=0.1)
+      >>> result = training.fit(nets.apply_mlp, params, state, optax.adam(1e-2), (x, y),
+      ...                       key=jax.random.key(2), epochs=3, batch_size=16, progress=False)
+      >>> result.history["loss"].shape, result.history["val_acc"].shape  # 4 steps per epoch
+      ((12,), (3,))
+      >>> bool(result.history["loss"][-1] < result.history["loss"][0])
+      True
     """
     options = dict(epochs=epochs, batch_size=batch_size, checkpoint_every=checkpoint_every,
                    eval_batch_size=eval_batch_size)
@@ -781,11 +962,13 @@ def fit(apply_fn: ApplyFn, params: Any, net_state: Any, optimizer: optax.Gradien
         bar = _progress(progress, epochs, desc, initial=state.epoch)
         try:
             while state.epoch < epochs:
-                *trained, losses = run_epoch(*state[:3], x, y,
-                                             jax.random.fold_in(key, state.epoch))
-                acc = [evaluate(predict, *trained[:2], *data, eval_batch_size)
+                params, net_state, opt_state, losses = run_epoch(
+                    state.params, state.net_state, state.opt_state, x, y,
+                    jax.random.fold_in(key, state.epoch))
+                acc = [evaluate(predict, params, net_state, data[0], data[1], eval_batch_size)
                        for data in evaluation if data is not None]
-                state = record_epoch(state, *trained, losses, acc[0], acc[-1])
+                state = record_epoch(state, params, net_state, opt_state, losses, acc[0],
+                                     acc[-1])
                 _show(bar, state)
                 if checkpoint is not None and (state.epoch % checkpoint_every == 0
                                                or state.epoch == epochs):

@@ -139,7 +139,7 @@ class GroupNorm(nn.GroupNorm):
 
 
 class Dropout(nn.Dropout):
-    """``flax.linen.Dropout`` on :func:`jaxbn.dropout`: the same ``dropout`` rng stream and the
+    """``flax.linen.Dropout`` with jaxbn's backward: the same ``dropout`` rng stream and the
     same mask, with jaxbn's bit-packed residual.
 
     Example:

@@ -206,7 +206,7 @@ class GroupNorm(nnx.GroupNorm):
 
 
 class Dropout(nnx.Dropout):
-    """``flax.nnx.Dropout`` on :func:`jaxbn.dropout`: the same key stream and the same mask,
+    """``flax.nnx.Dropout`` with jaxbn's backward: the same key stream and the same mask,
     with jaxbn's bit-packed residual.
 
     Example:
