@@ -74,7 +74,7 @@ def test_local_computes_what_none_computes_and_stays_silent():
     np.testing.assert_array_equal(y_local, y_none)
     np.testing.assert_array_equal(state_local, state_none)
     y_global, _ = _silently(_per_device("data"), X)
-    np.testing.assert_allclose(y_global, y_local, rtol=1e-6, atol=1e-6)  # one device: local = global
+    np.testing.assert_allclose(y_global, y_local, rtol=1e-6, atol=1e-6)  # 1 device: local = global
 
 
 def test_no_warning_where_the_statistics_are_global_or_absent():
