@@ -82,7 +82,7 @@ def test_conv_net_shapes_state_and_gradients(normalization):
         assert not np.allclose(new.batch_norm[0].mean, 0.0)
     loss = lambda p: jnp.sum(nets.apply_conv_net(p, state, x, train=True)[0] * rand(2, (3, 5)))
     # Finite differences can straddle a relu or max-pool kink: 1e-4, not float64's usual 1e-6.
-    check_grads(loss, (params,), order=1, modes=["rev"], atol=1e-4, rtol=1e-4)
+    check_grads(jax.jit(loss), (params,), order=1, modes=["rev"], atol=1e-4, rtol=1e-4)
 
 
 def test_jit_and_vmap_over_stacked_models():
