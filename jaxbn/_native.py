@@ -12,6 +12,13 @@ the kernels take (``Layout.native_view``), the rule is ``"alt"`` without mask or
 differentiate exactly what the jnp path would. :mod:`jaxbn._partition` runs the kernels on each
 device's shard of a sharded ``x`` and hands them ``jax.vmap``'s axis as independent batches
 (statistics per batch, no serial loop).
+
+The fused epilogue (``Config.activation``/``Config.residual``) runs inside the kernels' passes: the
+forward adds the residual and applies the ReLU in its normalizing pass (one rounding), the
+backward reads the forward's output ``y`` and masks ``dy`` by ``y > 0`` in both of its passes,
+writing the masked cotangent as the residual's gradient where there is a residual. Split across
+devices, the normalizing kernel still applies the epilogue; the backward's mask is applied by XLA
+before the per-shard kernels.
 """
 
 from __future__ import annotations
@@ -126,8 +133,8 @@ def forward(x, gamma, beta, residual, config):
     config's epilogue."""
     stat, keep = _stat_dtype(x), _kept(x, config)
     y, *stats = _partition.forward(x, gamma.astype(stat).reshape(-1),
-                                   beta.astype(stat).reshape(-1), axis=config.native,
-                                   eps=config.eps)
+                                   beta.astype(stat).reshape(-1), residual, axis=config.native,
+                                   eps=config.eps, relu=config.activation == "relu")
     return (y, *(a.reshape(keep) for a in stats))
 
 
@@ -152,10 +159,13 @@ def backward(dy, residuals, config):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
 def _backward(x, dy, mean, inv_std, gamma, out, config):
     stat = mean.dtype
-    dx, dgamma, dbeta = _partition.backward(
+    # The kernels write dz only where the residual needs it and differs from dy.
+    want_dz = config.residual and out is not None
+    dx, dgamma, dbeta, *dz = _partition.backward(
         x, dy.astype(x.dtype), mean.reshape(-1), inv_std.reshape(-1),
-        gamma.astype(stat).reshape(-1), axis=config.native, eps=config.eps)
-    return dx, dgamma.reshape(gamma.shape).astype(gamma.dtype), dbeta.reshape(gamma.shape), dy
+        gamma.astype(stat).reshape(-1), out, axis=config.native, eps=config.eps, dz=want_dz)
+    return (dx, dgamma.reshape(gamma.shape).astype(gamma.dtype), dbeta.reshape(gamma.shape),
+            dz[0] if dz else dy)
 
 
 @_backward.defjvp

@@ -56,7 +56,6 @@ def configure(lay: Layout, *, eps: float, backward: str, x_dtype: Any, param_dty
     """
     native = None
     if (kernels and backward == "alt" and axis_name is None and not masked
-            and activation is None and not residual  # the kernels' epilogue: next commit
             and _native.decide(lay.native_view, x_dtype, param_dtype, x_type)):
         native = lay.feature_axis
     return Config(lay.stat_axes, lay.grad_axes, eps, backward, axis_name, native, activation,
