@@ -61,7 +61,10 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kBlockValues = 512;  // values per feature per block of the sums
-constexpr int64_t kMinValuesPerThread = 1 << 16;
+// Below this many values per thread a call runs on the calling thread: starting and joining a
+// std::thread costs 0.1-1 ms on a loaded machine, more than streaming 2 MB (measured: tiny and
+// vmapped calls 3-5x faster, 4M-value calls unchanged; experiments/README.md).
+constexpr int64_t kMinValuesPerThread = 1 << 19;
 constexpr int64_t kChannelChunk = 512;  // channels per work item: two float64 accumulators in L1
 
 struct BFloat16 {
@@ -317,7 +320,9 @@ std::array<std::vector<double>, N> Sums(const Shape& sh, Rows rows) {
   const int64_t chunks = (C + kChannelChunk - 1) / kChannelChunk, width = std::min(C, kChannelChunk);
   std::vector<double> part(N * sh.batches * blocks * C);
   const int64_t slots = sh.batches * blocks * C;
-  ParallelFor(sh.batches * blocks * chunks, rows_per * sh.inner * width, [&](int64_t lo, int64_t hi) {
+  // The work of an item is its rows' values (a batch shorter than a block fills it partly).
+  const int64_t item_values = std::min(rows_per, sh.rows) * sh.inner * width;
+  ParallelFor(sh.batches * blocks * chunks, item_values, [&](int64_t lo, int64_t hi) {
     std::vector<double> acc(N * width);
     double* lanes[N];
     for (int i = 0; i < N; ++i) lanes[i] = acc.data() + i * width;
