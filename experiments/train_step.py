@@ -359,7 +359,7 @@ def main(argv=None) -> dict[str, Any]:
     load_before = _load()
     rows = [bench_net(net, repeats, threads) for net in nets]
     dropout = bench_dropout((256, 128) if args.quick else (4096, 1024), repeats)
-    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    result = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "machine": platform.machine(), "cpus": os.cpu_count(), "jax": jax.__version__,
               "native": jaxbn.native_status(), "quick": args.quick, "repeats": repeats,
               "load_before": load_before, "load_after": _load(), "nets": rows,

@@ -590,8 +590,8 @@ EPILOGUES = [
     ("alt", "relu", True, (12, 5), -1, True),
     ("autodiff", "relu", True, (12, 5), -1, True),
 ]
-EPILOGUE_IDS = [f"{b}-{a}-{'res' if r else 'nores'}-{l}{'-mask' if m else ''}"
-                for b, a, r, _, l, m in EPILOGUES]
+EPILOGUE_IDS = [f"{b}-{a}-{'res' if r else 'nores'}-{where}{'-mask' if m else ''}"
+                for b, a, r, _, where, m in EPILOGUES]
 
 
 @pytest.mark.parametrize("backward, activation, with_residual, shape, where, masked", EPILOGUES,
