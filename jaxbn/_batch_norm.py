@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxbn import _checks, _layout, _parallel, _renorm
 from jaxbn._layout import Layout, check_image_layout, layout
 from jaxbn._normalize import BACKWARDS, configure, normalize, normalize_with
-from jaxbn._rules import AxisGroups, Config, psum
+from jaxbn._rules import ACTIVATIONS, AxisGroups, Config, epilogue, psum
 
 
 class BatchNormState(NamedTuple):
@@ -63,8 +63,9 @@ def batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None,
                eps: float = 1e-5, axis: int = -1, backward: str = "alt", axis_name: Any = None,
                mask: jax.Array | None = None, running_var: str = "biased",
                virtual_batch_size: int | None = None, renorm: dict | None = None,
-               axis_index_groups: Any = None,
-               allow_one_value: bool = False) -> tuple[jax.Array, BatchNormState]:
+               axis_index_groups: Any = None, allow_one_value: bool = False,
+               activation: str | None = None,
+               residual: jax.Array | None = None) -> tuple[jax.Array, BatchNormState]:
     r"""Batch normalization over every axis of ``x`` but the feature axis.
 
     ``momentum`` weights the *old* running value: ``new = momentum * old + (1 - momentum) *
@@ -73,7 +74,12 @@ def batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None,
 
     .. math::
 
-        \hat x = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}, \qquad y = \gamma \hat x + \beta
+        \hat x = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}, \qquad
+        y = \mathrm{act}(\gamma \hat x + \beta + r)
+
+    with the optional fused epilogue: ``r`` the ``residual`` (0 without one) and ``act`` the
+    ``activation`` (the identity without one), the ``bn -> add -> relu`` of residual nets in one
+    ``custom_vjp`` whose backward masks the cotangent by ``y > 0`` (no extra array kept).
 
     In train mode ``mu`` and ``sigma^2`` are the batch mean and the biased batch variance over all
     axes but ``axis`` (across the mapped axes ``axis_name`` too, and over the entries ``mask``
@@ -132,6 +138,10 @@ def batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None,
         is 0, so ``y = beta``, as Flax and Equinox compute it. By default that raises, as
         PyTorch does, because it is almost always a mistake (a per-example call without
         ``axis_name``).
+      activation: None (default) or ``"relu"``: applied after the affine and the residual, in
+        the same rule (``jax.nn.relu``'s derivative: 0 at 0). Not for complex ``x``.
+      residual: None or an array of ``x``'s shape and dtype added before the activation; its
+        gradient is ``dy * (y > 0)`` (``dy`` without an activation).
 
     Returns:
       ``(y, new_state)``: ``y`` of ``x``'s shape and dtype, and the updated running statistics.
@@ -140,11 +150,13 @@ def batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None,
       TypeError: non-floating ``x``/parameters, non-bool ``train``, non-numeric options.
       ValueError: wrong parameter or state shapes, ``axis`` out of range, rank < 2, fewer than two
         values per feature in train mode (unless ``allow_one_value``), unknown ``backward``,
-        ``momentum`` outside [0, 1], ``eps <= 0``, a mask of the wrong shape.
+        ``momentum`` outside [0, 1], ``eps <= 0``, a mask of the wrong shape, an unknown
+        ``activation``, a ``residual`` whose shape is not ``x``'s.
       UnboundAxisNameError: an ``axis_name`` no enclosing transformation binds (a ``NameError``,
         as JAX raises, and a ``ValueError``).
       TypeError: also for a non-boolean ``mask``, a complex parameter or state mean with real
-        ``x``, a real state mean with complex ``x``.
+        ``x``, a real state mean with complex ``x``, a ``residual`` whose dtype is not ``x``'s,
+        an ``activation`` with complex ``x``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxbn
@@ -167,6 +179,15 @@ def batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None,
       True
       >>> bool(jnp.allclose(jnp.std(y, 0, where=valid), 1, atol=1e-3))
       True
+
+      The fused epilogue: ``relu(batch_norm(x) + skip)`` in one rule.
+
+      >>> skip = jnp.ones((32, 4))
+      >>> y, _ = jaxbn.batch_norm(x, gamma, beta, state, train=True, residual=skip,
+      ...                         activation="relu")
+      >>> y_ref = jax.nn.relu(jaxbn.batch_norm(x, gamma, beta, state, train=True)[0] + skip)
+      >>> bool(jnp.allclose(y, y_ref, atol=1e-6)) and bool(jnp.all(y >= 0))
+      True
     """
     x = _checks.check_float_array("x", x, complex_ok=True)
     _checks.check_ndim("x", x, min_ndim=2, what="a batch axis and a feature axis")
@@ -176,7 +197,8 @@ def batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None,
     return _batch_norm(x, gamma, beta, state, lay, train=train, momentum=momentum, eps=eps,
                        backward=backward, axis_name=axis_name, mask=mask,
                        running_var=running_var, renorm=renorm,
-                       axis_index_groups=axis_index_groups, allow_one_value=allow_one_value)
+                       axis_index_groups=axis_index_groups, allow_one_value=allow_one_value,
+                       activation=activation, residual=residual)
 
 
 def spatial_batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | None,
@@ -185,7 +207,8 @@ def spatial_batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | 
                        axis_name: Any = None, mask: jax.Array | None = None,
                        running_var: str = "biased", virtual_batch_size: int | None = None,
                        renorm: dict | None = None, axis_index_groups: Any = None,
-                       allow_one_value: bool = False) -> tuple[jax.Array, BatchNormState]:
+                       allow_one_value: bool = False, activation: str | None = None,
+                       residual: jax.Array | None = None) -> tuple[jax.Array, BatchNormState]:
     """Batch normalization of image data per channel, over batch, height and width.
 
     The default layout is cs231n's and PyTorch's ``"NCHW"``; Flax and Equinox data is usually
@@ -203,8 +226,8 @@ def spatial_batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | 
 
     Args:
       x, gamma, beta, state, train, momentum, eps, backward, axis_name, running_var,
-        virtual_batch_size, renorm, axis_index_groups, allow_one_value: as in
-        :func:`batch_norm`.
+        virtual_batch_size, renorm, axis_index_groups, allow_one_value, activation, residual:
+        as in :func:`batch_norm` (``residual`` of ``x``'s shape, in its layout).
       mask: boolean, ``(N, H, W)`` for NCHW and NHWC alike (one flag per position), or of
         ``x``'s shape (one per entry); size 1 broadcasts.
       layout: ``"NCHW"`` (default) or ``"NHWC"``, or a 1-D/3-D layout as above.
@@ -236,7 +259,8 @@ def spatial_batch_norm(x: jax.Array, gamma: jax.Array | None, beta: jax.Array | 
     return _batch_norm(x, gamma, beta, state, lay, train=train, momentum=momentum, eps=eps,
                        backward=backward, axis_name=axis_name, mask=mask,
                        running_var=running_var, renorm=renorm,
-                       axis_index_groups=axis_index_groups, allow_one_value=allow_one_value)
+                       axis_index_groups=axis_index_groups, allow_one_value=allow_one_value,
+                       activation=activation, residual=residual)
 
 
 def check_axis_name(axis_name: Any, axis_index_groups: Any = None) -> Any:
@@ -290,6 +314,30 @@ def check_mask(mask: Any, lay: Layout) -> jax.Array | None:
     return jnp.broadcast_to(mask.reshape(full), lay.position_shape).reshape(lay.position_view)
 
 
+def check_epilogue(activation: Any, residual: Any, x: jax.Array) -> jax.Array | None:
+    """The fused epilogue's arguments: ``activation`` None or a known name (not for complex
+    ``x``), ``residual`` None or an array of exactly ``x``'s shape and dtype (no broadcast, no
+    promotion). Returns the residual as an array."""
+    if activation is not None:
+        _checks.check_choice("activation", activation, ACTIVATIONS)
+        if _checks.is_complex(x.dtype):
+            raise TypeError(f"activation={activation!r} needs real x (a ReLU of complex values "
+                            f"is undefined); got dtype {x.dtype}. Pass activation=None.")
+    if residual is None:
+        return None
+    if not hasattr(residual, "shape") or not hasattr(residual, "dtype"):
+        raise TypeError(f"residual must be an array of x's shape {tuple(x.shape)} and dtype "
+                        f"{x.dtype}; got {type(residual).__name__}.")
+    residual = jnp.asarray(residual)
+    if tuple(residual.shape) != tuple(x.shape):
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)} (shapes that would "
+                         f"broadcast are refused); got shape {tuple(residual.shape)}.")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"residual must have x's dtype {x.dtype}; got {residual.dtype}. Pass "
+                        f"residual.astype(x.dtype).")
+    return residual
+
+
 def check_param(name: str, p: Any, lay: Layout, complex_ok: bool = False) -> jax.Array:
     """A per-feature array of exactly ``lay.param_shape`` (shapes that would broadcast are
     rejected too), floating (or complex, where ``complex_ok``); the error names the layout's
@@ -338,6 +386,7 @@ class Prepared(NamedTuple):
     layout: Layout
     running_var: str = "biased"
     renorm: tuple[Any, Any] | None = None  # (r_max, d_max)
+    residual: jax.Array | None = None  # added before the activation, in x's view
 
 
 def _affine_params(gamma, beta, lay, x_dtype):
@@ -355,12 +404,14 @@ def _affine_params(gamma, beta, lay, x_dtype):
 
 
 def prepare(x, gamma, beta, state, lay: Layout, *, momentum, eps, backward, axis_name, mask,
-            running_var="biased", renorm=None, axis_index_groups=None) -> Prepared:
+            running_var="biased", renorm=None, axis_index_groups=None, activation=None,
+            residual=None) -> Prepared:
     """Checks every argument of a batch norm call at trace time and views them for the core."""
     _checks.check_choice("backward", backward, BACKWARDS)
     _checks.check_choice("running_var", running_var, RUNNING_VARS)
     eps = _checks.check_real("eps", eps, low=0.0, low_open=True)
     x = _checks.check_float_array("x", x, complex_ok=True)
+    residual = check_epilogue(activation, residual, x)
     gamma, beta = _affine_params(gamma, beta, lay, x.dtype)
     state = jax.tree.map(jax.lax.stop_gradient, check_state(state, lay, x.dtype))
     if momentum is None:
@@ -379,9 +430,12 @@ def prepare(x, gamma, beta, state, lay: Layout, *, momentum, eps, backward, axis
     renorm = _renorm.check_renorm(renorm, mask=mask, axis_name=axis_name, layout=lay)
     config = configure(lay, eps=eps, backward=backward, x_dtype=x.dtype, param_dtype=gamma.dtype,
                        axis_name=axis_name, masked=mask is not None, kernels=renorm is None,
-                       x_type=jax.typeof(x))
+                       x_type=jax.typeof(x), activation=activation,
+                       residual=residual is not None)
+    if residual is not None:
+        residual = residual.reshape(lay.view)
     return Prepared(x.reshape(lay.view), gamma, beta, state, mask, config, momentum, lay,
-                    running_var, renorm)
+                    running_var, renorm, residual)
 
 
 def _check_batch_size(p: Prepared, allow_one_value: bool = False) -> None:
@@ -404,14 +458,17 @@ def _batch_norm(x, gamma, beta, state, lay, *, train, allow_one_value=False, **o
     p = prepare(x, gamma, beta, state, lay, **options)
     if not train:
         mean, var = (a.reshape(lay.param_view) for a in (p.state.mean, p.state.var))
-        y = normalize_with(p.x, p.gamma, p.beta, mean, var, p.config.eps)
+        y = normalize_with(p.x, p.gamma, p.beta, mean, var, p.config.eps, p.residual,
+                           p.config.activation)
         return y.reshape(lay.shape), p.state
     _check_batch_size(p, allow_one_value)
     if p.renorm is not None:
         running = (a.reshape(lay.param_view) for a in (p.state.mean, p.state.var))
         y, mean, var = _renorm.renormalize(p.x, p.gamma, p.beta, *running, *p.renorm, p.config)
+        # Batch renormalization has its own rule; its epilogue is differentiated by JAX.
+        y = epilogue(y, p.residual, p.config.activation)
     else:
-        y, mean, var = normalize(p.x, p.gamma, p.beta, p.config, p.mask)
+        y, mean, var = normalize(p.x, p.gamma, p.beta, p.config, p.mask, p.residual)
     return y.reshape(lay.shape), new_state(p, mean, var)
 
 

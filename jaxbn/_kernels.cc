@@ -38,6 +38,8 @@
 
 #include <algorithm>
 #include <array>
+#include <optional>
+#include <type_traits>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -59,7 +61,10 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kBlockValues = 512;  // values per feature per block of the sums
-constexpr int64_t kMinValuesPerThread = 1 << 16;
+// Below this many values per thread a call runs on the calling thread: starting and joining a
+// std::thread costs 0.1-1 ms on a loaded machine, more than streaming 2 MB (measured: tiny and
+// vmapped calls 3-5x faster, 4M-value calls unchanged; experiments/README.md).
+constexpr int64_t kMinValuesPerThread = 1 << 19;
 constexpr int64_t kChannelChunk = 512;  // channels per work item: two float64 accumulators in L1
 
 struct BFloat16 {
@@ -189,6 +194,72 @@ inline double Total(Lanes v) {
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
+// The fused epilogue y = relu(z + r) (z the affine output, r the residual) and, in the backward,
+// dz = dy * [y > 0] on the forward's stored output y: the jnp rules' test, so both paths mask the
+// same entries. ReLU keeps NaN, as jnp.maximum(z, 0) does. Scalars and vectors alike.
+// Scalars select by masking their bits (a data-dependent branch here mispredicts on half the
+// values of a ReLU: measured 4.5x slower); vectors select lane-wise.
+inline float Keep(float v, bool keep) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  u &= 0u - static_cast<uint32_t>(keep);
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+inline double Keep(double v, bool keep) {
+  uint64_t u;
+  std::memcpy(&u, &v, sizeof u);
+  u &= uint64_t{0} - static_cast<uint64_t>(keep);
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+inline float Relu(float v) { return Keep(v, !(v < 0.0f)); }
+inline double Relu(double v) { return Keep(v, !(v < 0.0)); }
+template <class V>
+inline V Relu(V v) {
+  const V zero = {};
+  return v < zero ? zero : v;
+}
+template <bool kRes, bool kRelu, class F, class T>
+inline F Finish(F z, const T* r, int64_t i) {
+  if constexpr (kRes) z += static_cast<F>(Load(r[i]));
+  if constexpr (kRelu) z = Relu(z);
+  return z;
+}
+template <bool kRes, bool kRelu, class T>
+inline Floats16 Finish16(Floats16 z, const T* r) {
+  if constexpr (kRes) z += Load16(r);
+  if constexpr (kRelu) z = Relu(z);
+  return z;
+}
+template <bool kMask, class T>
+inline auto DzAt(const T* dy, const T* y, int64_t i) {
+  const auto g = Load(dy[i]);
+  if constexpr (kMask) return Keep(g, Load(y[i]) > 0);
+  else return g;
+}
+template <bool kMask, class T>
+inline Floats16 Dz16(const T* dy, const T* y) {
+  const Floats16 g = Load16(dy), zero = {};
+  if constexpr (kMask) return Load16(y) > zero ? g : zero;
+  else return g;
+}
+template <bool kMask, class T>
+inline Lanes Dz8(const T* dy, const T* y) {
+  const Lanes g = Load8(dy), zero = {};
+  if constexpr (kMask) return Load8(y) > zero ? g : zero;
+  else return g;
+}
+
+// Calls fn(std::bool_constant<a>{}, std::bool_constant<b>{}): one instantiation per case.
+template <class Fn>
+void Cases(bool a, bool b, Fn fn) {
+  if (a && b) fn(std::true_type{}, std::true_type{});
+  else if (a) fn(std::true_type{}, std::false_type{});
+  else if (b) fn(std::false_type{}, std::true_type{});
+  else fn(std::false_type{}, std::false_type{});
+}
+
 // XLA hands the kernel freshly mapped output buffers; writing them faults in one 4 KiB page at a
 // time, which measured costlier than the arithmetic. Asking for transparent huge pages on the
 // whole 2 MiB pages inside the buffer (advice only; where THP is off it does nothing) cuts the
@@ -267,7 +338,9 @@ std::array<std::vector<double>, N> Sums(const Shape& sh, Rows rows) {
   const int64_t chunks = (C + kChannelChunk - 1) / kChannelChunk, width = std::min(C, kChannelChunk);
   std::vector<double> part(N * sh.batches * blocks * C);
   const int64_t slots = sh.batches * blocks * C;
-  ParallelFor(sh.batches * blocks * chunks, rows_per * sh.inner * width, [&](int64_t lo, int64_t hi) {
+  // The work of an item is its rows' values (a batch shorter than a block fills it partly).
+  const int64_t item_values = std::min(rows_per, sh.rows) * sh.inner * width;
+  ParallelFor(sh.batches * blocks * chunks, item_values, [&](int64_t lo, int64_t hi) {
     std::vector<double> acc(N * width);
     double* lanes[N];
     for (int i = 0; i < N; ++i) lanes[i] = acc.data() + i * width;
@@ -436,9 +509,11 @@ void GradRows(const Shape& sh, const T* x, const T* dy, int64_t b, int64_t r0, i
 // statistics and the two sums of the gradient at once (laid out and grouped as in StatsRows).
 // From them the backward has the float64 mean and variance the forward computed, instead of
 // their float32 roundings (which alone would cost dx about one ulp).
-template <class T>
-void BackwardRows(const Shape& sh, const T* x, const T* dy, int64_t b, int64_t r0, int64_t r1,
-                  int64_t c0, int64_t c1, const E<T>* __restrict shift, double* const* acc) {
+// With kMask, dy is masked by the forward's ReLU output y (DzAt); otherwise y is not read.
+template <class T, bool kMask>
+void BackwardRows(const Shape& sh, const T* x, const T* dy, const T* y, int64_t b, int64_t r0,
+                  int64_t r1, int64_t c0, int64_t c1, const E<T>* __restrict shift,
+                  double* const* acc) {
   using G = E<T>;
   const int64_t n = c1 - c0, S = sh.inner, stride = sh.row_size();
   const int64_t offset = (b * sh.rows * sh.channels + c0) * S;
@@ -451,12 +526,14 @@ void BackwardRows(const Shape& sh, const T* x, const T* dy, int64_t b, int64_t r
     for (; r + 4 <= r1; r += 4) {
       const T* __restrict x0 = x + offset + r * stride;
       const T* __restrict g0 = dy + offset + r * stride;
+      const T* __restrict y0 = y + offset + r * stride;
       for (int64_t c = 0; c < n; ++c) {
         const G k = shift[c];
         const G d0 = Load(x0[c]) - k, d1 = Load(x0[c + stride]) - k;
         const G d2 = Load(x0[c + 2 * stride]) - k, d3 = Load(x0[c + 3 * stride]) - k;
-        const G a0 = Load(g0[c]), a1 = Load(g0[c + stride]);
-        const G a2 = Load(g0[c + 2 * stride]), a3 = Load(g0[c + 3 * stride]);
+        const G a0 = DzAt<kMask>(g0, y0, c), a1 = DzAt<kMask>(g0, y0, c + stride);
+        const G a2 = DzAt<kMask>(g0, y0, c + 2 * stride);
+        const G a3 = DzAt<kMask>(g0, y0, c + 3 * stride);
         s_d[c] += static_cast<double>((d0 + d1) + (d2 + d3));
         s_dd[c] += static_cast<double>((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3));
         s_g[c] += static_cast<double>((a0 + a1) + (a2 + a3));
@@ -466,8 +543,9 @@ void BackwardRows(const Shape& sh, const T* x, const T* dy, int64_t b, int64_t r
     for (; r < r1; ++r) {
       const T* __restrict xr = x + offset + r * stride;
       const T* __restrict gr = dy + offset + r * stride;
+      const T* __restrict yr = y + offset + r * stride;
       for (int64_t c = 0; c < n; ++c) {
-        const double d = static_cast<double>(Load(xr[c]) - shift[c]), g = Load(gr[c]);
+        const double d = static_cast<double>(Load(xr[c]) - shift[c]), g = DzAt<kMask>(gr, yr, c);
         s_d[c] += d;
         s_dd[c] += d * d;
         s_g[c] += g;
@@ -480,6 +558,7 @@ void BackwardRows(const Shape& sh, const T* x, const T* dy, int64_t b, int64_t r
     for (int64_t c = 0; c < n; ++c) {
       const T* __restrict px = x + offset + r * stride + c * S;
       const T* __restrict pg = dy + offset + r * stride + c * S;
+      const T* __restrict py = y + offset + r * stride + c * S;
       const G k = shift[c];
       Lanes l[8] = {};
       int64_t s = 0;
@@ -487,8 +566,9 @@ void BackwardRows(const Shape& sh, const T* x, const T* dy, int64_t b, int64_t r
         for (; s + 64 <= S; s += 64) {
           const Floats16 d0 = Load16(px + s) - k, d1 = Load16(px + s + 16) - k;
           const Floats16 d2 = Load16(px + s + 32) - k, d3 = Load16(px + s + 48) - k;
-          const Floats16 g0 = Load16(pg + s), g1 = Load16(pg + s + 16);
-          const Floats16 g2 = Load16(pg + s + 32), g3 = Load16(pg + s + 48);
+          const Floats16 g0 = Dz16<kMask>(pg + s, py + s), g1 = Dz16<kMask>(pg + s + 16, py + s + 16);
+          const Floats16 g2 = Dz16<kMask>(pg + s + 32, py + s + 32);
+          const Floats16 g3 = Dz16<kMask>(pg + s + 48, py + s + 48);
           Widen((d0 + d1) + (d2 + d3), &l[0], &l[1]);
           Widen((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3), &l[2], &l[3]);
           Widen((g0 + g1) + (g2 + g3), &l[4], &l[5]);
@@ -497,7 +577,7 @@ void BackwardRows(const Shape& sh, const T* x, const T* dy, int64_t b, int64_t r
       }
       const double k64 = k;
       for (; s + 8 <= S; s += 8) {
-        const Lanes d = Load8(px + s) - k64, g = Load8(pg + s);
+        const Lanes d = Load8(px + s) - k64, g = Dz8<kMask>(pg + s, py + s);
         l[0] += d;
         l[2] += d * d;
         l[4] += g;
@@ -506,7 +586,7 @@ void BackwardRows(const Shape& sh, const T* x, const T* dy, int64_t b, int64_t r
       double t[4] = {Total(l[0] + l[1]), Total(l[2] + l[3]), Total(l[4] + l[5]),
                      Total(l[6] + l[7])};
       for (; s < S; ++s) {
-        const double d = Load(px[s]) - k64, g = Load(pg[s]);
+        const double d = Load(px[s]) - k64, g = DzAt<kMask>(pg, py, s);
         t[0] += d;
         t[1] += d * d;
         t[2] += g;
@@ -526,11 +606,12 @@ struct Coefficients {
   explicit Coefficients(int64_t n) : mean(n), a(n), k1(n), k2(n) {}
 };
 
-// y = (x - mean) * a + k1 over every row, rows in parallel. bfloat16/float16 run 16 values at a
+// y = (x - mean) * a + k1 over every row, rows in parallel, then the epilogue (Finish: + res with
+// kRes, ReLU with kRelu; res is not read without kRes). bfloat16/float16 run 16 values at a
 // time explicitly (the compiler's vectorization of the scalar conversions is several times
 // slower); float32/float64 are left to the compiler, which vectorizes them well.
-template <class T>
-void Normalize(const Shape& sh, const T* x, const Coefficients<T>& co, T* y) {
+template <class T, bool kRes, bool kRelu>
+void Normalize(const Shape& sh, const T* x, const Coefficients<T>& co, const T* res, T* y) {
   using F = E<T>;
   constexpr bool wide = std::is_same<F, float>::value;
   const int64_t C = sh.channels, S = sh.inner;
@@ -538,6 +619,7 @@ void Normalize(const Shape& sh, const T* x, const Coefficients<T>& co, T* y) {
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t i = (item / sh.rows) * C;
       const T* __restrict in = x + item * C * S;
+      const T* __restrict rs = res + item * C * S;
       T* __restrict out = y + item * C * S;
       const F* __restrict mean = co.mean.data() + i;
       const F* __restrict a = co.a.data() + i;
@@ -546,26 +628,33 @@ void Normalize(const Shape& sh, const T* x, const Coefficients<T>& co, T* y) {
         int64_t c = 0;
         if constexpr (wide)
           for (; c + 16 <= C; c += 16)
-            Store16(out + c, (Load16(in + c) - Load16(mean + c)) * Load16(a + c) + Load16(o + c));
-        for (; c < C; ++c) out[c] = Store<T, F>((Load(in[c]) - mean[c]) * a[c] + o[c]);
+            Store16(out + c, Finish16<kRes, kRelu>(
+                                 (Load16(in + c) - Load16(mean + c)) * Load16(a + c) + Load16(o + c),
+                                 rs + c));
+        for (; c < C; ++c)
+          out[c] = Store<T, F>(Finish<kRes, kRelu>((Load(in[c]) - mean[c]) * a[c] + o[c], rs, c));
         continue;
       }
       for (int64_t c = 0; c < C; ++c) {
         const F mu = mean[c], ac = a[c], oc = o[c];
         const T* __restrict p = in + c * S;
+        const T* __restrict r = rs + c * S;
         T* __restrict q = out + c * S;
         int64_t s = 0;
         if constexpr (wide)
-          for (; s + 16 <= S; s += 16) Store16(q + s, (Load16(p + s) - mu) * ac + oc);
-        for (; s < S; ++s) q[s] = Store<T, F>((Load(p[s]) - mu) * ac + oc);
+          for (; s + 16 <= S; s += 16)
+            Store16(q + s, Finish16<kRes, kRelu>((Load16(p + s) - mu) * ac + oc, r + s));
+        for (; s < S; ++s) q[s] = Store<T, F>(Finish<kRes, kRelu>((Load(p[s]) - mu) * ac + oc, r, s));
       }
     }
   });
 }
 
-// dx = a * dy + k1 + (x - mean) * k2 over every row, rows in parallel (vectorized as Normalize).
-template <class T>
-void GradInput(const Shape& sh, const T* x, const T* dy, const Coefficients<T>& co, T* dx) {
+// dx = a * dz + k1 + (x - mean) * k2 over every row, rows in parallel (vectorized as Normalize),
+// with dz = dy, or with kMask dy masked by the ReLU output y (DzAt), written to dz with kDz.
+template <class T, bool kMask, bool kDz>
+void GradInput(const Shape& sh, const T* x, const T* dy, const T* y, const Coefficients<T>& co,
+               T* dx, T* dz) {
   using F = E<T>;
   constexpr bool wide = std::is_same<F, float>::value;
   const int64_t C = sh.channels, S = sh.inner;
@@ -574,6 +663,8 @@ void GradInput(const Shape& sh, const T* x, const T* dy, const Coefficients<T>& 
       const int64_t i = (item / sh.rows) * C, offset = item * C * S;
       const T* __restrict xr = x + offset;
       const T* __restrict gr = dy + offset;
+      const T* __restrict yr = y + offset;
+      T* __restrict zr = dz + offset;
       T* __restrict out = dx + offset;
       const F* __restrict mean = co.mean.data() + i;
       const F* __restrict a = co.a.data() + i;
@@ -582,23 +673,38 @@ void GradInput(const Shape& sh, const T* x, const T* dy, const Coefficients<T>& 
       if (S == 1) {
         int64_t c = 0;
         if constexpr (wide)
-          for (; c + 16 <= C; c += 16)
-            Store16(out + c, Load16(a + c) * Load16(gr + c) + Load16(k1 + c) +
+          for (; c + 16 <= C; c += 16) {
+            const Floats16 g = Dz16<kMask>(gr + c, yr + c);
+            if constexpr (kDz) Store16(zr + c, g);
+            Store16(out + c, Load16(a + c) * g + Load16(k1 + c) +
                                  (Load16(xr + c) - Load16(mean + c)) * Load16(k2 + c));
-        for (; c < C; ++c)
-          out[c] = Store<T, F>(a[c] * Load(gr[c]) + k1[c] + (Load(xr[c]) - mean[c]) * k2[c]);
+          }
+        for (; c < C; ++c) {
+          const F g = DzAt<kMask>(gr, yr, c);
+          if constexpr (kDz) zr[c] = Store<T, F>(g);
+          out[c] = Store<T, F>(a[c] * g + k1[c] + (Load(xr[c]) - mean[c]) * k2[c]);
+        }
         continue;
       }
       for (int64_t c = 0; c < C; ++c) {
         const F mu = mean[c], ac = a[c], c1 = k1[c], c2 = k2[c];
         const T* __restrict px = xr + c * S;
         const T* __restrict pg = gr + c * S;
+        const T* __restrict py = yr + c * S;
+        T* __restrict pz = zr + c * S;
         T* __restrict q = out + c * S;
         int64_t s = 0;
         if constexpr (wide)
-          for (; s + 16 <= S; s += 16)
-            Store16(q + s, ac * Load16(pg + s) + c1 + (Load16(px + s) - mu) * c2);
-        for (; s < S; ++s) q[s] = Store<T, F>(ac * Load(pg[s]) + c1 + (Load(px[s]) - mu) * c2);
+          for (; s + 16 <= S; s += 16) {
+            const Floats16 g = Dz16<kMask>(pg + s, py + s);
+            if constexpr (kDz) Store16(pz + s, g);
+            Store16(q + s, ac * g + c1 + (Load16(px + s) - mu) * c2);
+          }
+        for (; s < S; ++s) {
+          const F g = DzAt<kMask>(pg, py, s);
+          if constexpr (kDz) pz[s] = Store<T, F>(g);
+          q[s] = Store<T, F>(ac * g + c1 + (Load(px[s]) - mu) * c2);
+        }
       }
     }
   });
@@ -626,10 +732,11 @@ void Statistics(const Shape& sh, const T* x, std::vector<double>* mean, std::vec
 }
 
 // y from statistics: y = (x - mean) * gamma / sqrt(var + eps) + beta; inv_std out.
+// residual nullptr: none; relu: the epilogue's ReLU.
 template <class T, class F>
 void NormalizeWith(const Shape& sh, const T* x, const double* mean, const double* var,
-                   const F* gamma, const F* beta, int64_t param_stride, double eps, T* y,
-                   F* inv_std_out) {
+                   const F* gamma, const F* beta, int64_t param_stride, double eps,
+                   const T* residual, bool relu, T* y, F* inv_std_out) {
   Coefficients<T> co(sh.stats());
   for (int64_t i = 0; i < sh.stats(); ++i) {
     const int64_t p = (i / sh.channels) * param_stride + i % sh.channels;
@@ -639,16 +746,20 @@ void NormalizeWith(const Shape& sh, const T* x, const double* mean, const double
     co.a[i] = static_cast<E<T>>(static_cast<double>(gamma[p]) * inv_std);
     co.k1[i] = static_cast<E<T>>(beta[p]);
   }
-  Normalize<T>(sh, x, co, y);
+  Cases(residual != nullptr, relu, [&](auto res, auto act) {
+    Normalize<T, decltype(res)::value, decltype(act)::value>(sh, x, co, residual ? residual : x, y);
+  });
 }
 
 // dx from the global sums over m values:
 // dx = a * dy + k1 + (x - mean) * k2, a = gamma * inv_std, k1 = -a * sum_dy / m,
 // k2 = -a * inv_std^2 * sum_dy_xmu / m (see jaxbn/_normalize.py alt_rule).
+// y (the ReLU output; nullptr: no mask) masks dy, and dz (nullptr: not wanted) receives it.
 template <class T, class F>
 void GradInputWith(const Shape& sh, const T* x, const T* dy, const double* mean,
                    const double* inv_std, const F* gamma, int64_t param_stride,
-                   const double* sum_dy, const double* sum_dy_xmu, double m, T* dx) {
+                   const double* sum_dy, const double* sum_dy_xmu, double m, const T* y, T* dx,
+                   T* dz) {
   Coefficients<T> co(sh.stats());
   for (int64_t i = 0; i < sh.stats(); ++i) {
     const int64_t p = (i / sh.channels) * param_stride + i % sh.channels;
@@ -658,7 +769,10 @@ void GradInputWith(const Shape& sh, const T* x, const T* dy, const double* mean,
     co.k1[i] = static_cast<E<T>>(-a * sum_dy[i] / m);
     co.k2[i] = static_cast<E<T>>(-a * is * is * sum_dy_xmu[i] / m);
   }
-  GradInput<T>(sh, x, dy, co, dx);
+  Cases(y != nullptr, dz != nullptr, [&](auto mask, auto write) {
+    constexpr bool kMask = decltype(mask)::value, kDz = decltype(write)::value;
+    if constexpr (kMask || !kDz) GradInput<T, kMask, kDz>(sh, x, dy, y ? y : dy, co, dx, dz ? dz : dx);
+  });
 }
 
 template <class T, class F>
@@ -734,14 +848,26 @@ ffi::Error ShapeError(const char* what) {
   return ffi::Error::InvalidArgument(std::string("jaxbn batch norm: unexpected shapes in ") + what);
 }
 
+// An optional x-shaped operand (the residual, the ReLU output): its data, or nullptr.
+template <class T>
+const T* Maybe(const std::optional<ffi::AnyBuffer>& buffer) {
+  return buffer.has_value() ? In<T>(*buffer) : nullptr;
+}
+
+bool SameSize(const ffi::AnyBuffer& x, const std::optional<ffi::AnyBuffer>& other) {
+  return !other.has_value() ||
+         (other->element_count() == x.element_count() && other->element_type() == x.element_type());
+}
+
 ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer gamma, ffi::AnyBuffer beta,
-                       ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> mean,
-                       ffi::Result<ffi::AnyBuffer> var, ffi::Result<ffi::AnyBuffer> inv_std,
-                       int64_t axis, int64_t batch_dims, double eps) {
+                       std::optional<ffi::AnyBuffer> residual, ffi::Result<ffi::AnyBuffer> y,
+                       ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> var,
+                       ffi::Result<ffi::AnyBuffer> inv_std, int64_t axis, int64_t batch_dims,
+                       double eps, bool relu) {
   Shape sh;
   int64_t stride, beta_stride;
   if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !ParamStride(sh, gamma, &stride) ||
-      !ParamStride(sh, beta, &beta_stride) || stride != beta_stride)
+      !ParamStride(sh, beta, &beta_stride) || stride != beta_stride || !SameSize(x, residual))
     return ShapeError("forward");
   AdviseHugePages(y->untyped_data(), y->size_bytes());
   return ByDtype(x.element_type(), [&](auto t, auto f) {
@@ -752,7 +878,7 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer gamma, ffi::AnyBuffer be
     Put<F>(mean64, mean);
     Put<F>(var64, var);
     NormalizeWith<T, F>(sh, In<T>(x), mean64.data(), var64.data(), In<F>(gamma), In<F>(beta),
-                        stride, eps, Out<T>(y), Out<F>(inv_std));
+                        stride, eps, Maybe<T>(residual), relu, Out<T>(y), Out<F>(inv_std));
   });
 }
 
@@ -772,13 +898,14 @@ ffi::Error StatsImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> mean,
 
 ffi::Error NormalizeImpl(ffi::AnyBuffer x, ffi::AnyBuffer mean, ffi::AnyBuffer var,
                          ffi::AnyBuffer gamma, ffi::AnyBuffer beta,
-                         ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> inv_std,
-                         int64_t axis, int64_t batch_dims, double eps) {
+                         std::optional<ffi::AnyBuffer> residual, ffi::Result<ffi::AnyBuffer> y,
+                         ffi::Result<ffi::AnyBuffer> inv_std, int64_t axis, int64_t batch_dims,
+                         double eps, bool relu) {
   Shape sh;
   int64_t stride, beta_stride;
   if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !PerStatistic(sh, {&mean, &var}) ||
       !ParamStride(sh, gamma, &stride) || !ParamStride(sh, beta, &beta_stride) ||
-      stride != beta_stride)
+      stride != beta_stride || !SameSize(x, residual))
     return ShapeError("normalize");
   AdviseHugePages(y->untyped_data(), y->size_bytes());
   return ByDtype(x.element_type(), [&](auto t, auto f) {
@@ -786,17 +913,21 @@ ffi::Error NormalizeImpl(ffi::AnyBuffer x, ffi::AnyBuffer mean, ffi::AnyBuffer v
     using F = typename decltype(f)::type;
     const std::vector<double> mean64 = Get<F>(mean), var64 = Get<F>(var);
     NormalizeWith<T, F>(sh, In<T>(x), mean64.data(), var64.data(), In<F>(gamma), In<F>(beta),
-                        stride, eps, Out<T>(y), Out<F>(inv_std));
+                        stride, eps, Maybe<T>(residual), relu, Out<T>(y), Out<F>(inv_std));
   });
 }
 
+// With y (the forward's ReLU output) dy is masked by y > 0; with the dz result, the masked
+// cotangent (the residual's) is written too.
 ffi::Error BackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer gamma,
-                        ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dgamma,
-                        ffi::Result<ffi::AnyBuffer> dbeta, int64_t axis, int64_t batch_dims,
-                        double eps) {
+                        std::optional<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> dx,
+                        ffi::Result<ffi::AnyBuffer> dgamma, ffi::Result<ffi::AnyBuffer> dbeta,
+                        std::optional<ffi::Result<ffi::AnyBuffer>> dz, int64_t axis,
+                        int64_t batch_dims, double eps) {
   Shape sh;
   int64_t stride;
-  if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !ParamStride(sh, gamma, &stride))
+  if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !ParamStride(sh, gamma, &stride) ||
+      !SameSize(x, y) || (dz.has_value() && !y.has_value()))
     return ShapeError("backward");
   AdviseHugePages(dx->untyped_data(), dx->size_bytes());
   return ByDtype(x.element_type(), [&](auto t, auto f) {
@@ -804,13 +935,18 @@ ffi::Error BackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer gamm
     using F = typename decltype(f)::type;
     const T* xs = In<T>(x);
     const T* dys = In<T>(dy);
+    const T* ys = Maybe<T>(y);
     const int64_t C = sh.channels;
     std::vector<E<T>> shift(sh.stats());  // the forward's shift: x values, exact in E<T>
     for (int64_t b = 0; b < sh.batches; ++b)
       for (int64_t c = 0; c < C; ++c) shift[b * C + c] = Load(xs[(b * sh.rows * C + c) * sh.inner]);
     const auto sums = Sums<4>(
         sh, [&](int64_t b, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* const* acc) {
-          BackwardRows<T>(sh, xs, dys, b, r0, r1, c0, c1, shift.data() + b * C + c0, acc);
+          if (ys != nullptr)
+            BackwardRows<T, true>(sh, xs, dys, ys, b, r0, r1, c0, c1, shift.data() + b * C + c0, acc);
+          else
+            BackwardRows<T, false>(sh, xs, dys, dys, b, r0, r1, c0, c1, shift.data() + b * C + c0,
+                                   acc);
         });
     const double m = static_cast<double>(sh.values());
     std::vector<double> mean(sh.stats()), inv_std(sh.stats()), sum_dy_xmu(sh.stats()),
@@ -826,7 +962,8 @@ ffi::Error BackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer gamm
     Put<F>(dgamma64, dgamma);
     Put<F>(sums[2], dbeta);
     GradInputWith<T, F>(sh, xs, dys, mean.data(), inv_std.data(), In<F>(gamma), stride,
-                        sums[2].data(), sum_dy_xmu.data(), m, Out<T>(dx));
+                        sums[2].data(), sum_dy_xmu.data(), m, ys, Out<T>(dx),
+                        dz.has_value() ? Out<T>(*dz) : nullptr);
   });
 }
 
@@ -861,7 +998,7 @@ ffi::Error GradInputImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer mea
     const std::vector<double> s1 = Get<F>(sum_dy), s2 = Get<F>(sum_dy_xmu);
     const std::vector<double> mean64 = Get<F>(mean), inv_std64 = Get<F>(inv_std);
     GradInputWith<T, F>(sh, In<T>(x), In<T>(dy), mean64.data(), inv_std64.data(), In<F>(gamma),
-                        stride, s1.data(), s2.data(), count, Out<T>(dx));
+                        stride, s1.data(), s2.data(), count, nullptr, Out<T>(dx), nullptr);
   });
 }
 
@@ -875,13 +1012,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormForward, ForwardImpl,
                                   .Arg<Buffer>()  // x
                                   .Arg<Buffer>()  // gamma
                                   .Arg<Buffer>()  // beta
+                                  .OptionalArg<Buffer>()  // residual, added before the ReLU
                                   .Ret<Buffer>()  // y
                                   .Ret<Buffer>()  // mean
                                   .Ret<Buffer>()  // var
                                   .Ret<Buffer>()  // inv_std
                                   .Attr<int64_t>("axis")
                                   .Attr<int64_t>("batch_dims")
-                                  .Attr<double>("eps"));
+                                  .Attr<double>("eps")
+                                  .Attr<bool>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormStats, StatsImpl,
                               ffi::Ffi::Bind()
@@ -898,20 +1037,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormNormalize, NormalizeImpl,
                                   .Arg<Buffer>()  // var
                                   .Arg<Buffer>()  // gamma
                                   .Arg<Buffer>()  // beta
+                                  .OptionalArg<Buffer>()  // residual
                                   .Ret<Buffer>()  // y
                                   .Ret<Buffer>()  // inv_std
                                   .Attr<int64_t>("axis")
                                   .Attr<int64_t>("batch_dims")
-                                  .Attr<double>("eps"));
+                                  .Attr<double>("eps")
+                                  .Attr<bool>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormBackward, BackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<Buffer>()  // x
                                   .Arg<Buffer>()  // dy
                                   .Arg<Buffer>()  // gamma
+                                  .OptionalArg<Buffer>()  // y, the forward's ReLU output
                                   .Ret<Buffer>()  // dx
                                   .Ret<Buffer>()  // dgamma
                                   .Ret<Buffer>()  // dbeta
+                                  .OptionalRet<Buffer>()  // dz = dy * [y > 0] (the residual's)
                                   .Attr<int64_t>("axis")
                                   .Attr<int64_t>("batch_dims")
                                   .Attr<double>("eps"));

@@ -12,6 +12,13 @@ the kernels take (``Layout.native_view``), the rule is ``"alt"`` without mask or
 differentiate exactly what the jnp path would. :mod:`jaxbn._partition` runs the kernels on each
 device's shard of a sharded ``x`` and hands them ``jax.vmap``'s axis as independent batches
 (statistics per batch, no serial loop).
+
+The fused epilogue (``Config.activation``/``Config.residual``) runs inside the kernels' passes: the
+forward adds the residual and applies the ReLU in its normalizing pass (one rounding), the
+backward reads the forward's output ``y`` and masks ``dy`` by ``y > 0`` in both of its passes,
+writing the masked cotangent as the residual's gradient where there is a residual. Split across
+devices, the normalizing kernel still applies the epilogue; the backward's mask is applied by XLA
+before the per-shard kernels.
 """
 
 from __future__ import annotations
@@ -112,20 +119,22 @@ def _kept(x, config):
     return tuple(1 if a in config.stat_axes else n for a, n in enumerate(x.shape))
 
 
-def _jnp_forward(x, gamma, beta, config):
+def _jnp_forward(x, gamma, beta, residual, config):
     mean, var = _rules.statistics(x, config, _stat_dtype(x))
     inv_std = jax.lax.rsqrt(var + config.eps)
-    return _rules.scale_shift(x, mean, inv_std, gamma, beta), mean, var, inv_std
+    y = _rules.scale_shift(x, mean, inv_std, gamma, beta, residual, config.activation)
+    return y, mean, var, inv_std
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def forward(x, gamma, beta, config):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def forward(x, gamma, beta, residual, config):
     """``(y, mean, var, inv_std)`` as the jnp rule computes them (statistics with x's rank, size
-    1 along the reduced axes), for ``config.native``, the feature axis of ``x``."""
+    1 along the reduced axes), for ``config.native``, the feature axis of ``x``; ``y`` with the
+    config's epilogue."""
     stat, keep = _stat_dtype(x), _kept(x, config)
     y, *stats = _partition.forward(x, gamma.astype(stat).reshape(-1),
-                                   beta.astype(stat).reshape(-1), axis=config.native,
-                                   eps=config.eps)
+                                   beta.astype(stat).reshape(-1), residual, axis=config.native,
+                                   eps=config.eps, relu=config.activation == "relu")
     return (y, *(a.reshape(keep) for a in stats))
 
 
@@ -134,20 +143,31 @@ def _forward_jvp(config, primals, tangents):
     return jax.jvp(lambda *a: _jnp_forward(*a, config), primals, tangents)
 
 
-def _jnp_backward(x, dy, mean, inv_std, gamma, config):
-    return _rules.alt_rule(config, _rules.Residuals(x, mean, inv_std, gamma), dy)
+def _jnp_backward(x, dy, mean, inv_std, gamma, out, config):
+    dz = _rules.epilogue_cotangent(config, out, dy)
+    residuals = _rules.Residuals(x, mean, inv_std, gamma, out)
+    return (*_rules.alt_rule(config, residuals, dz), dz if config.residual else dy)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
-def backward(x, dy, mean, inv_std, gamma, config):
-    """``(dx, dgamma, dbeta)`` as :func:`jaxbn._rules.alt_rule` computes them."""
+def backward(dy, residuals, config):
+    """``(dx, dgamma, dbeta, dz)`` as :func:`jaxbn._rules.alt_rule` computes them from the
+    cotangent ``dz`` of the affine output (:func:`jaxbn._rules.epilogue_cotangent` of ``dy``)."""
+    x, mean, inv_std, gamma, out = residuals
+    return _backward(x, dy, mean, inv_std, gamma, out, config)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
+def _backward(x, dy, mean, inv_std, gamma, out, config):
     stat = mean.dtype
-    dx, dgamma, dbeta = _partition.backward(
+    # The kernels write dz only where the residual needs it and differs from dy.
+    want_dz = config.residual and out is not None
+    dx, dgamma, dbeta, *dz = _partition.backward(
         x, dy.astype(x.dtype), mean.reshape(-1), inv_std.reshape(-1),
-        gamma.astype(stat).reshape(-1), axis=config.native, eps=config.eps)
-    return dx, dgamma.reshape(gamma.shape).astype(gamma.dtype), dbeta.reshape(gamma.shape)
+        gamma.astype(stat).reshape(-1), out, axis=config.native, eps=config.eps, dz=want_dz)
+    return (dx, dgamma.reshape(gamma.shape).astype(gamma.dtype), dbeta.reshape(gamma.shape),
+            dz[0] if dz else dy)
 
 
-@backward.defjvp
+@_backward.defjvp
 def _backward_jvp(config, primals, tangents):
     return jax.jvp(lambda *a: _jnp_backward(*a, config), primals, tangents)

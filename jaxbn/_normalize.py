@@ -29,6 +29,7 @@ from jaxbn._rules import (
     alt_rule,
     centered,
     centered_square_sum,
+    epilogue_cotangent,
     graph_rule,
     param_cotangent,
     scale_shift,
@@ -44,9 +45,11 @@ SPLIT_BACKWARDS = ("alt", "autodiff")
 
 def configure(lay: Layout, *, eps: float, backward: str, x_dtype: Any, param_dtype: Any,
               axis_name: Any = None, masked: bool = False, kernels: bool = True,
-              x_type: Any = None) -> Config:
-    """The core's static config for one call: the layout's axes, and whether the native kernels
-    compute it (decided here, once; the forward and the backward both read it).
+              x_type: Any = None, activation: str | None = None,
+              residual: bool = False) -> Config:
+    """The core's static config for one call: the layout's axes, the epilogue (``activation``,
+    ``residual``), and whether the native kernels compute it (decided here, once; the forward
+    and the backward both read it).
 
     ``kernels=False`` keeps the call on the jnp rules (batch renormalization has its own rule);
     ``x_type`` (``jax.typeof(x)``) lets the decision see x's sharding.
@@ -55,12 +58,19 @@ def configure(lay: Layout, *, eps: float, backward: str, x_dtype: Any, param_dty
     if (kernels and backward == "alt" and axis_name is None and not masked
             and _native.decide(lay.native_view, x_dtype, param_dtype, x_type)):
         native = lay.feature_axis
-    return Config(lay.stat_axes, lay.grad_axes, eps, backward, axis_name, native)
+    return Config(lay.stat_axes, lay.grad_axes, eps, backward, axis_name, native, activation,
+                  residual)
 
 
 def normalize(x: jax.Array, gamma: jax.Array, beta: jax.Array, config: Config,
-              mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+              mask: jax.Array | None = None,
+              residual: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns ``(y, mean, var)``; ``gamma``/``beta`` must already broadcast against ``x``.
+
+    ``y = act(gamma * x_hat + beta + residual)`` with the epilogue the config names
+    (``config.activation``; ``residual``, of x's shape and dtype, where ``config.residual``):
+    inside the same ``custom_vjp`` as the normalization, whose backward masks ``dy`` by
+    ``y > 0`` and hands the residual that masked cotangent.
 
     ``mean`` and ``var`` are the batch statistics (float32 or wider) with the reduced axes kept as
     size 1. Only ``y`` is differentiable under the hand-written rules: the statistics feed the
@@ -69,15 +79,15 @@ def normalize(x: jax.Array, gamma: jax.Array, beta: jax.Array, config: Config,
     """
     gamma, beta = vary_like(gamma, x), vary_like(beta, x)
     if config.backward == "autodiff":
-        return _joined(x, gamma, beta, config, mask, custom=False)
+        return _joined(x, gamma, beta, config, mask, residual, custom=False)
     if config.axis_name is None and mask is None:
-        return reverse_mode_only(_normalize_core, x, gamma, beta, config)
+        return reverse_mode_only(_normalize_core, x, gamma, beta, residual, config)
     if config.backward not in SPLIT_BACKWARDS:
         raise ValueError(
             f"backward={config.backward!r} is not available with mask= or axis_name=: that path "
             f"joins the statistics between two local hand-written rules and supports backward="
             + " or ".join(repr(b) for b in SPLIT_BACKWARDS) + ".")
-    return reverse_mode_only(_joined, x, gamma, beta, config, mask, True)
+    return reverse_mode_only(_joined, x, gamma, beta, config, mask, residual, True)
 
 
 _FORWARD_MODE_ERROR = (
@@ -104,51 +114,57 @@ def reverse_mode_only(fn, *args):
         raise TypeError(_FORWARD_MODE_ERROR) from None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _normalize_core(x, gamma, beta, config):
-    return _normalize_core_fwd(x, gamma, beta, config)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _normalize_core(x, gamma, beta, residual, config):
+    return _normalize_core_fwd(x, gamma, beta, residual, config)[0]
 
 
-def _normalize_core_fwd(x, gamma, beta, config):
+def _normalize_core_fwd(x, gamma, beta, residual, config):
     if config.native is not None:  # the same computation in one C++ kernel
-        y, mean, var, inv_std = _native.forward(x, gamma, beta, config)
+        y, mean, var, inv_std = _native.forward(x, gamma, beta, residual, config)
     else:
         mean, var = statistics(x, config, stat_dtype(x.dtype, gamma.dtype, beta.dtype))
         inv_std = jax.lax.rsqrt(var + config.eps)
-        y = scale_shift(x, mean, inv_std, gamma, beta)
-    return (y, mean, var), Residuals(x, mean, inv_std, gamma)
+        y = scale_shift(x, mean, inv_std, gamma, beta, residual, config.activation)
+    out = None if config.activation is None else y
+    return (y, mean, var), Residuals(x, mean, inv_std, gamma, out)
 
 
 def _normalize_core_bwd(config, residuals, cotangents):
     """Runs the rule ``config.backward`` names (:func:`jaxbn._rules.alt_rule` or
-    :func:`~jaxbn._rules.graph_rule`), natively where the forward ran natively.
+    :func:`~jaxbn._rules.graph_rule`), natively where the forward ran natively, on the
+    cotangent of the affine output: ``dz = dy * [y > 0]`` after a ReLU
+    (:func:`jaxbn._rules.epilogue_cotangent`), which is also the residual's.
 
     The cotangents of the returned statistics are ignored: they only feed the running statistics,
     which the public functions wrap in ``stop_gradient``.
     """
     dy = cotangents[0]
     if config.native is not None:
-        x, mean, inv_std, gamma = residuals
-        dx, dgamma, dbeta = _native.backward(x, dy, mean, inv_std, gamma, config)
+        dx, dgamma, dbeta, dz = _native.backward(dy, residuals, config)
     else:
+        dz = epilogue_cotangent(config, residuals.out, dy)
         rule = alt_rule if config.backward == "alt" else graph_rule
-        dx, dgamma, dbeta = rule(config, residuals, dy)
-    return dx, dgamma, dbeta.astype(dgamma.dtype)
+        dx, dgamma, dbeta = rule(config, residuals, dz)
+    dresidual = dz.astype(residuals.x.dtype) if config.residual else None
+    return dx, dgamma, dbeta.astype(dgamma.dtype), dresidual
 
 
 _normalize_core.defvjp(_normalize_core_fwd, _normalize_core_bwd)
 
 
 def normalize_with(x: jax.Array, gamma: jax.Array, beta: jax.Array, mean: jax.Array,
-                   var: jax.Array, eps: float) -> jax.Array:
-    """``gamma * (x - mean) / sqrt(var + eps) + beta`` with given statistics (test mode).
+                   var: jax.Array, eps: float, residual: jax.Array | None = None,
+                   activation: str | None = None) -> jax.Array:
+    """``act(gamma * (x - mean) / sqrt(var + eps) + beta + residual)`` with given statistics
+    (test mode).
 
     All arguments broadcast against ``x``; the arithmetic runs in float32 or wider and ``y`` keeps
     ``x``'s dtype. Plain ``jnp``: its derivative is JAX's.
     """
     dtype = stat_dtype(x.dtype, gamma.dtype, mean.dtype)
     inv_std = jax.lax.rsqrt(var.astype(real_dtype(dtype)) + eps)
-    return scale_shift(x, mean.astype(dtype), inv_std, gamma, beta)
+    return scale_shift(x, mean.astype(dtype), inv_std, gamma, beta, residual, activation)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,14 +177,14 @@ def normalize_with(x: jax.Array, gamma: jax.Array, beta: jax.Array, mean: jax.Ar
 # mapped axes by JAX, under vmap, shard_map and pmap alike.
 
 
-def _joined(x, gamma, beta, config, mask, custom):
+def _joined(x, gamma, beta, config, mask, residual, custom):
     """``y`` from statistics over the valid entries of the global batch.
 
     With ``v`` the valid entries (all of them without a mask), the formulas of
     :func:`jaxbn._rules.statistics` and :func:`~jaxbn._rules.scale_shift`::
 
         mean, var = statistics(where(v, x, 0))     # sums joined by psum across axis_name
-        y = where(v, scale_shift(x, mean, rsqrt(var + eps), gamma, beta), 0)
+        y = where(v, scale_shift(x, mean, rsqrt(var + eps), gamma, beta, residual, act), 0)
 
     A mask *selects*: masked-out entries are replaced by 0 before any arithmetic, so whatever they
     hold (NaN, inf, 1e30) reaches neither the statistics nor a gradient; their output and their
@@ -187,9 +203,9 @@ def _joined(x, gamma, beta, config, mask, custom):
     mean_local = vary_like(mean, x)
     inv_std = vary_like(jax.lax.rsqrt(var + config.eps), x)
     if custom:
-        y = _affine_core(x, gamma, beta, mean_local, inv_std, config)
+        y = _affine_core(x, gamma, beta, mean_local, inv_std, residual, config)
     else:
-        y = scale_shift(x, mean_local, inv_std, gamma, beta)
+        y = scale_shift(x, mean_local, inv_std, gamma, beta, residual, config.activation)
     if mask is not None:
         y = jnp.where(mask, y, jnp.zeros((), y.dtype))
     return y, mean, var
@@ -218,17 +234,21 @@ def _centered_square_sum_bwd(stat_axes, residuals, ct):
 _centered_square_sum.defvjp(_centered_square_sum_fwd, _centered_square_sum_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _affine_core(x, gamma, beta, mean, inv_std, config):
-    return scale_shift(x, mean, inv_std, gamma, beta)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _affine_core(x, gamma, beta, mean, inv_std, residual, config):
+    return _affine_core_fwd(x, gamma, beta, mean, inv_std, residual, config)[0]
 
 
-def _affine_core_fwd(x, gamma, beta, mean, inv_std, config):
-    return scale_shift(x, mean, inv_std, gamma, beta), Residuals(x, mean, inv_std, gamma)
+def _affine_core_fwd(x, gamma, beta, mean, inv_std, residual, config):
+    y = scale_shift(x, mean, inv_std, gamma, beta, residual, config.activation)
+    out = None if config.activation is None else y
+    return y, Residuals(x, mean, inv_std, gamma, out)
 
 
 def _affine_core_bwd(config, residuals, dy):
-    """``y = gamma * (x - mean) * inv_std + beta`` with the statistics as inputs (local sums)::
+    """``y = act(gamma * (x - mean) * inv_std + beta + residual)`` with the statistics as
+    inputs (local sums); with ``dy`` replaced by ``dz`` (:func:`jaxbn._rules.epilogue_cotangent`,
+    also the residual's cotangent)::
 
         g = dy * gamma;  dx = g * inv_std
         dmean = -inv_std * sum(g);  dinv_std = sum(g * (x - mean))   # over the statistics' axes
@@ -238,7 +258,9 @@ def _affine_core_bwd(config, residuals, dy):
     beta (:func:`jaxbn._rules.param_cotangent`). Sums run over the local batch; the psum around
     the statistics completes them across devices.
     """
-    x, mean, inv_std, gamma = residuals
+    x, mean, inv_std, gamma, out = residuals
+    dy = epilogue_cotangent(config, out, dy)
+    dresidual = dy.astype(x.dtype) if config.residual else None
     dtype = mean.dtype
     dy32 = dy.astype(dtype)
     xmu = x.astype(dtype) - mean
@@ -249,7 +271,7 @@ def _affine_core_bwd(config, residuals, dy):
     dinv_std = jnp.sum(jnp.real(g * xmu), axis=config.stat_axes, keepdims=True)
     dx = (g * inv_std).astype(x.dtype)
     return (dx, param_cotangent(dgamma, gamma.dtype), param_cotangent(dbeta, gamma.dtype), dmean,
-            dinv_std)
+            dinv_std, dresidual)
 
 
 _affine_core.defvjp(_affine_core_fwd, _affine_core_bwd)

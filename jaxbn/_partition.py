@@ -90,35 +90,45 @@ def _call(target, x, outs, *args, stats_shape, nb, axis, **attrs):
                                             axis=np.int64(nb + axis), **attrs)
 
 
-def local_forward(x, gamma, beta, *, nb: int, axis: int, eps: float,
+def local_forward(x, gamma, beta, *residual, nb: int, axis: int, eps: float, relu: bool = False,
                   reduce_axes: tuple[str, ...] = (), shards: int = 1):
     """``(y, mean, var, inv_std)`` of one shard; with ``reduce_axes`` the statistics are merged
-    across the shards along them (see the module docstring)."""
+    across the shards along them (see the module docstring). ``y`` has the epilogue: ``+
+    residual`` (where given, x-shaped), then a ReLU where ``relu``, inside the kernel's pass."""
     call = functools.partial(_call, stats_shape=gamma.shape, nb=nb, axis=axis)
-    eps = np.float64(eps)
+    eps, relu = np.float64(eps), np.bool_(relu)
     if not reduce_axes:
-        return call("jaxbn_batch_norm_forward", x, "xppp", gamma, beta, eps=eps)
+        return call("jaxbn_batch_norm_forward", x, "xppp", gamma, beta, *residual, eps=eps,
+                    relu=relu)
     mean_i, var_i = call("jaxbn_batch_norm_stats", x, "pp")
     mean = jax.lax.psum(mean_i, reduce_axes) / shards
     var = jax.lax.psum(var_i + jnp.square(mean_i - mean), reduce_axes) / shards
-    y, inv_std = call("jaxbn_batch_norm_normalize", x, "xp", mean, var, gamma, beta, eps=eps)
+    y, inv_std = call("jaxbn_batch_norm_normalize", x, "xp", mean, var, gamma, beta, *residual,
+                      eps=eps, relu=relu)
     return y, mean, var, inv_std
 
 
-def local_backward(x, dy, mean, inv_std, gamma, *, nb: int, axis: int, eps: float,
-                   reduce_axes: tuple[str, ...] = (), shards: int = 1):
+def local_backward(x, dy, mean, inv_std, gamma, *out, nb: int, axis: int, eps: float,
+                   dz: bool = False, reduce_axes: tuple[str, ...] = (), shards: int = 1):
     """``(dx, dgamma, dbeta)`` of one shard, the two per-feature sums summed across
     ``reduce_axes``. Unsplit, the kernel recomputes the statistics in float64 in its one pass
-    (``mean``/``inv_std`` are their float32 roundings); split, it uses the merged ones."""
+    (``mean``/``inv_std`` are their float32 roundings); split, it uses the merged ones.
+
+    ``out`` (where given): the forward's ReLU output; ``dy`` is masked by ``out > 0`` (in the
+    kernel's passes unsplit, by XLA before the kernels split), and with ``dz`` the masked
+    cotangent is returned fourth (the residual's)."""
     call = functools.partial(_call, stats_shape=gamma.shape, nb=nb, axis=axis)
     if not reduce_axes:
-        return call("jaxbn_batch_norm_backward", x, "xpp", dy, gamma, eps=np.float64(eps))
+        return call("jaxbn_batch_norm_backward", x, "xpp" + "x" * dz, dy, gamma, *out,
+                    eps=np.float64(eps))
+    if out:
+        dy = jnp.where(out[0] > 0, dy, jnp.zeros((), dy.dtype))
     sums = jnp.stack(call("jaxbn_batch_norm_grad_sums", x, "pp", dy, mean))
     sum_dy, sum_dy_xmu = jax.lax.psum(sums, reduce_axes)
     count = math.prod(n for d, n in enumerate(x.shape) if d >= nb and d != nb + axis) * shards
     dx, = call("jaxbn_batch_norm_grad_input", x, "x", dy, mean, inv_std, gamma, sum_dy,
                sum_dy_xmu, count=np.float64(count))
-    return dx, sum_dy_xmu * inv_std, sum_dy
+    return (dx, sum_dy_xmu * inv_std, sum_dy) + ((dy,) if dz else ())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,19 +145,23 @@ class _Op(NamedTuple):
     outs: str
 
 
-FORWARD = _Op(local_forward, "xpp", "xppp")
-BACKWARD = _Op(local_backward, "xxppp", "xpp")
-
-
-def forward(x, gamma, beta, *, axis: int, eps: float):
+def forward(x, gamma, beta, residual=None, *, axis: int, eps: float, relu: bool = False):
     """``(y, mean, var, inv_std)``: batch norm of ``x`` over every axis but ``axis``, by the
-    kernels, on each device's shard; ``gamma``/``beta`` ``(C,)`` in the statistics' dtype."""
-    return _op(FORWARD, 0, axis, x.ndim, (("eps", float(eps)),))(x, gamma, beta)
+    kernels, on each device's shard; ``gamma``/``beta`` ``(C,)`` in the statistics' dtype;
+    ``y = relu(... + residual)`` with the epilogue's ``residual`` (x-shaped) and ``relu``."""
+    extra = () if residual is None else (residual,)
+    op = _Op(local_forward, "xpp" + "x" * len(extra), "xppp")
+    attrs = (("eps", float(eps)), ("relu", bool(relu)))
+    return _op(op, 0, axis, x.ndim, attrs)(x, gamma, beta, *extra)
 
 
-def backward(x, dy, mean, inv_std, gamma, *, axis: int, eps: float):
-    """``(dx, dgamma, dbeta)`` of :func:`forward`'s ``y`` for the cotangent ``dy``."""
-    return _op(BACKWARD, 0, axis, x.ndim, (("eps", float(eps)),))(x, dy, mean, inv_std, gamma)
+def backward(x, dy, mean, inv_std, gamma, out=None, *, axis: int, eps: float, dz: bool = False):
+    """``(dx, dgamma, dbeta)`` of :func:`forward`'s ``y`` for the cotangent ``dy``; with ``out``
+    (the forward's ReLU output) for ``dz = dy * [out > 0]``, returned fourth where ``dz``."""
+    extra = () if out is None else (out,)
+    op = _Op(local_backward, "xxppp" + "x" * len(extra), "xpp" + "x" * dz)
+    attrs = (("eps", float(eps)), ("dz", bool(dz)))
+    return _op(op, 0, axis, x.ndim, attrs)(x, dy, mean, inv_std, gamma, *extra)
 
 
 def supported(x_type) -> bool:

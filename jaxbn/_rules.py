@@ -46,6 +46,8 @@ class Config(NamedTuple):
     axis_name: Any = None  # mapped axis name(s) the statistics are also taken across
     native: int | None = None  # the feature axis when the native kernels compute this call
     #                            (a batch norm over every other axis), else None
+    activation: str | None = None  # "relu" or None: applied after the affine (and residual)
+    residual: bool = False  # an array of x's shape is added to the affine output
 
 
 class Residuals(NamedTuple):
@@ -55,6 +57,8 @@ class Residuals(NamedTuple):
     mean: jax.Array  # batch mean, stat dtype, size 1 along stat_axes
     inv_std: jax.Array  # 1 / sqrt(var + eps), same shape as mean
     gamma: jax.Array  # scale, broadcastable to x
+    out: jax.Array | None = None  # y itself, kept only when an activation follows (its mask is
+    #                               y > 0; y is the layer's output, alive anyway)
 
 
 def psum(a: Any, axis_name: Any) -> Any:
@@ -158,15 +162,41 @@ def statistics(x: jax.Array, config: Config, dtype: Any, mask: jax.Array | None 
     return mean, var
 
 
+ACTIVATIONS = ("relu",)  # the activations an epilogue applies (None: no activation)
+
+
+def epilogue(z: jax.Array, residual: jax.Array | None, activation: str | None) -> jax.Array:
+    """``act(z + residual)`` in ``z``'s dtype: the fused epilogue after the affine (``bn -> add
+    -> relu``). Plain ``jnp``: ``jax.nn.relu``'s derivative at 0 is 0, as the rules' mask."""
+    if residual is not None:
+        z = z + residual.astype(z.dtype)
+    if activation == "relu":
+        z = jax.nn.relu(z)
+    return z
+
+
+def epilogue_cotangent(config: Config, out: jax.Array | None, dy: jax.Array) -> jax.Array:
+    """The cotangent of ``z = gamma * x_hat + beta (+ residual)`` from that of ``y = act(z)``.
+
+    ReLU: ``dz = dy * [z > 0]``, and ``z > 0`` exactly where ``y = relu(z) > 0``, so the mask
+    comes from the output the forward kept (no array of its own). The residual's cotangent is
+    ``dz`` as well (it enters ``z`` with weight 1).
+    """
+    if config.activation is None:
+        return dy
+    return jnp.where(out > 0, dy, jnp.zeros((), dy.dtype))
+
+
 def scale_shift(x: jax.Array, mean: jax.Array, inv_std: jax.Array, gamma: jax.Array,
-                beta: jax.Array) -> jax.Array:
-    """``y = gamma * (x - mean) * inv_std + beta`` in the statistics' dtype, returned in x's: the
-    output's formula, written once."""
+                beta: jax.Array, residual: jax.Array | None = None,
+                activation: str | None = None) -> jax.Array:
+    """``y = act(gamma * (x - mean) * inv_std + beta + residual)`` in the statistics' dtype,
+    returned in x's (one rounding): the output's formula, written once."""
     dtype = mean.dtype
     # (mean - x), not (x - mean): XLA would merge an identical x - mean here with the one inside a
     # reduction and write it to memory in full; a distinct expression keeps every pass fused.
     y = (mean - x.astype(dtype)) * -(inv_std * gamma.astype(dtype)) + beta.astype(dtype)
-    return y.astype(x.dtype)
+    return epilogue(y, residual, activation).astype(x.dtype)
 
 
 def alt_rule(config: Config, residuals: Residuals,
@@ -193,7 +223,7 @@ def alt_rule(config: Config, residuals: Residuals,
     ``(gamma * inv_std / m) * (m * dy - sum(dy) - x_hat * sum(dy * x_hat))``: both reductions come
     out of the one pass that also yields dgamma and dbeta.
     """
-    x, mean, inv_std, gamma = residuals
+    x, mean, inv_std, gamma = residuals[:4]
     dtype = mean.dtype
     count = count_over(x.shape, config.stat_axes, config.axis_name)
     dy32 = dy.astype(dtype)
@@ -237,7 +267,7 @@ def graph_rule(config: Config, residuals: Residuals,
         dxmu2 = 2 * conj(xmu) * dvar / m;  dx1 = dxmu1 + dxmu2
         dmu = -sum(dx1);  dx = dx1 + dmu / m
     """
-    x, mean, inv_std, gamma = residuals
+    x, mean, inv_std, gamma = residuals[:4]
     dtype = mean.dtype
     count = count_over(x.shape, config.stat_axes, config.axis_name)
     dy32 = dy.astype(dtype)

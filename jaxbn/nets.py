@@ -160,24 +160,25 @@ def _num_layers(params: dict[str, Any], name: str) -> int:
 
 
 def _normalize_hidden(h, gamma, beta, state, bn_state, *, train, spatial):
-    """A hidden layer's normalization as ``state.normalization`` says: batch norm with the running
-    statistics ``bn_state`` (spatial for conv features), layer norm (group norm with one group
-    for conv features), or none. Returns ``(h, new_bn_state)``; ``new_bn_state`` is None unless
-    the layer is batch-normalized. Pure: nothing it is given is changed."""
+    """A hidden layer's normalization as ``state.normalization`` says, then its ReLU: batch norm
+    with the running statistics ``bn_state`` (spatial for conv features) and the ReLU fused into
+    its rule, layer norm (group norm with one group for conv features), or none. Returns
+    ``(h, new_bn_state)``; ``new_bn_state`` is None unless the layer is batch-normalized. Pure:
+    nothing it is given is changed."""
     if state.normalization == "batchnorm":
         norm = spatial_batch_norm if spatial else batch_norm
         return norm(h, gamma, beta, bn_state, train=train, momentum=state.momentum,
                     eps=state.eps, axis_name=state.axis_name if train else None,
-                    backward=state.backward)
+                    backward=state.backward, activation="relu")
     if state.normalization == "layernorm":
         h = (group_norm(h, gamma, beta, groups=1, eps=state.eps, backward=state.backward)
              if spatial else layer_norm(h, gamma, beta, eps=state.eps, backward=state.backward))
-    return h, None
+    return jax.nn.relu(h), None
 
 
 def _hidden_layer(h, gamma, beta, state, bn_states, *, train, spatial):
-    """Normalizes one hidden layer; returns ``(h, bn_states)`` with the layer's new running
-    statistics appended to the tuple it was given (a new tuple)."""
+    """Normalizes one hidden layer and applies its ReLU; returns ``(h, bn_states)`` with the
+    layer's new running statistics appended to the tuple it was given (a new tuple)."""
     bn_state = state.batch_norm[len(bn_states)] if state.normalization == "batchnorm" else None
     h, new = _normalize_hidden(h, gamma, beta, state, bn_state, train=train, spatial=spatial)
     return h, bn_states if new is None else bn_states + (new,)
@@ -223,7 +224,6 @@ def apply_mlp(params: dict[str, jax.Array], state: NetState, x: jax.Array, *, tr
         h = h @ params[f"W{i}"] + params[f"b{i}"]
         h, new_states = _hidden_layer(h, params.get(f"gamma{i}"), params.get(f"beta{i}"), state,
                                       new_states, train=train, spatial=False)
-        h = jax.nn.relu(h)
         if state.dropout_rate > 0.0:
             h = dropout(_layer_key(key, i), h, rate=state.dropout_rate, train=train)
     scores = h @ params[f"W{num_layers}"] + params[f"b{num_layers}"]
@@ -316,7 +316,6 @@ def apply_conv_net(params: dict[str, jax.Array], state: NetState, x: jax.Array, 
         h = h + params[f"conv{i}_b"].reshape(1, -1, 1, 1)
         h, new_states = _hidden_layer(h, params.get(f"conv{i}_gamma"), params.get(f"conv{i}_beta"),
                                       state, new_states, train=train, spatial=True)
-        h = jax.nn.relu(h)
         h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
     head = {k: v for k, v in params.items() if not k.startswith("conv")}
     head_state = dataclasses.replace(state, batch_norm=state.batch_norm[len(new_states):])

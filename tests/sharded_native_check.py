@@ -161,4 +161,31 @@ with set_mesh(mixed):
     hlo = hlo.compile().as_text()
 assert "jaxbn_batch_norm" not in hlo and "all-gather" not in hlo, "mixed mesh"
 
+# The fused epilogue (residual + ReLU), batch split (the kernels' split programs) and channels
+# split (the fused kernels per device): the values of one device, no gather.
+def fused_loss(x, gamma, beta, r, w):
+    state = jaxbn.init_batch_norm_state(x.shape[-1])
+    y, _ = jaxbn.batch_norm(x, gamma, beta, state, train=True, residual=r, activation="relu")
+    return jnp.sum(y * w), y
+
+
+fused = jax.jit(jax.grad(fused_loss, argnums=(0, 1, 2, 3), has_aux=True))
+for spec, c in ((P("data"), 4), (P(None, "data"), 16)):
+    k = jax.random.split(jax.random.key(c), 3)
+    x, r, w = (jax.random.normal(ki, (32, c)) for ki in k)
+    params = (jnp.linspace(0.5, 1.5, c), jnp.linspace(-0.5, 0.5, c))
+    grads1, y1 = fused(x, *params, r, w)
+    for axis_type in (AxisType.Auto, AxisType.Explicit):
+        mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+        xs, rs, ws = (jax.device_put(a, NamedSharding(mesh, spec)) for a in (x, r, w))
+        with set_mesh(mesh):
+            compiled = fused.lower(xs, *params, rs, ws).compile()
+            grads8, y8 = compiled(xs, *params, rs, ws)
+        what = f"fused, {spec} ({axis_type})"
+        hlo = compiled.as_text()
+        assert "jaxbn_batch_norm" in hlo and "all-gather" not in hlo, what
+        close(y8, y1, what + " y")
+        for label, a, b in zip(("dx", "dgamma", "dbeta", "dresidual"), grads8, grads1):
+            close(a, b, f"{what} {label}")
+
 print("sharded native checks passed")

@@ -551,3 +551,172 @@ def test_one_value_per_feature_normalizes_to_beta_when_allowed(backward):
     _, new = jaxbn.batch_norm(x, gamma, beta, state, train=True, allow_one_value=True)
     np.testing.assert_allclose(new.mean, 0.1 * x[0], rtol=1e-12)
     np.testing.assert_allclose(new.var, 0.9, rtol=1e-12)  # the batch variance of one value: 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused epilogue: act(gamma * x_hat + beta + residual) in the normalization's one rule,
+# against the oracle's unfused bn -> add -> relu.
+
+
+def _fused_oracle(axis, activation, with_residual, layout=None):
+    """``relu(bn(x) + r)`` composed from the oracle's batch norm (JAX differentiates it)."""
+    def f(x, g, b, r):
+        feature_axis = axis if layout is None else (1 if layout == "NCHW" else -1)
+        y = reference.batch_norm_train(x, g, b, axis=feature_axis)[0]
+        y = y + r if with_residual else y
+        return jax.nn.relu(y) if activation == "relu" else y
+    return f
+
+
+def _fused(state, activation, with_residual, layout=None, **kw):
+    def f(x, g, b, r):
+        options = dict(train=True, activation=activation, residual=r if with_residual else None)
+        if layout is None:
+            return jaxbn.batch_norm(x, g, b, state, **options, **kw)[0]
+        return jaxbn.spatial_batch_norm(x, g, b, state, layout=layout, **options, **kw)[0]
+    return f
+
+
+# (backward, activation, residual?, shape, layout or axis, mask?): every rule, both halves of
+# the epilogue alone and together, the image layouts and the masked (split) rules.
+EPILOGUES = [
+    ("alt", "relu", True, (12, 5), -1, False),
+    ("graph", "relu", True, (12, 5), 0, False),
+    ("autodiff", "relu", True, (12, 5), -1, False),
+    ("alt", "relu", False, (12, 5), -1, False),
+    ("alt", None, True, (12, 5), -1, False),
+    ("alt", "relu", True, (3, 4, 2, 5), "NHWC", False),
+    ("graph", "relu", False, (3, 5, 2, 4), "NCHW", False),
+    ("alt", "relu", True, (12, 5), -1, True),
+    ("autodiff", "relu", True, (12, 5), -1, True),
+]
+EPILOGUE_IDS = [f"{b}-{a}-{'res' if r else 'nores'}-{where}{'-mask' if m else ''}"
+                for b, a, r, _, where, m in EPILOGUES]
+
+
+@pytest.mark.parametrize("backward, activation, with_residual, shape, where, masked", EPILOGUES,
+                         ids=EPILOGUE_IDS)
+def test_fused_epilogue_matches_the_unfused_oracle_float64(backward, activation, with_residual,
+                                                           shape, where, masked):
+    layout, axis = (where, None) if isinstance(where, str) else (None, where)
+    c = shape[-1] if layout == "NHWC" else shape[1] if layout == "NCHW" else shape[axis]
+    x = rand(0, shape, jnp.float64, scale=2.0, offset=0.5)
+    r = rand(5, shape, jnp.float64)
+    gamma, beta = _params(c, jnp.float64)
+    state = jaxbn.init_batch_norm_state(c, jnp.float64)
+    kw = {} if layout is not None else dict(axis=axis)
+    ours = _fused(state, activation, with_residual, layout, backward=backward, **kw)
+    oracle = _fused_oracle(axis, activation, with_residual, layout)
+    if masked:  # the oracle on the valid rows; masked-out rows: output and gradients 0
+        valid = np.arange(shape[0]) % 4 != 1
+        rows = np.flatnonzero(valid)
+        ours_masked = _fused(state, activation, with_residual, mask=valid, backward=backward,
+                             axis=axis)
+        padded = lambda a: jnp.full(shape, jnp.nan, a.dtype).at[rows].set(a)  # NaN padding
+
+        def on_rows(xv, g, b, rv):
+            return ours_masked(padded(xv), g, b, padded(rv))[rows]
+        testing.check_vjp(on_rows, oracle, x[rows], gamma, beta, r[rows])
+        dy = rand(7, shape, jnp.float64)
+        x, r = padded(x[rows]), padded(r[rows])
+        y, pullback = jax.vjp(lambda x, r: ours_masked(x, gamma, beta, r), x, r)
+        dx, dr = pullback(dy)
+        assert not np.any(y[~valid]) and not np.any(dx[~valid]) and not np.any(dr[~valid])
+        return
+    testing.check_vjp(ours, oracle, x, gamma, beta, r)
+
+
+@pytest.mark.parametrize("backward", RULES)
+def test_fused_epilogue_matches_finite_differences(backward):
+    x = rand(0, (10, 3), jnp.float64, scale=2.0, offset=0.5)
+    r = rand(5, (10, 3), jnp.float64)
+    state = jaxbn.init_batch_norm_state(3, jnp.float64)
+    f = _fused(state, "relu", True, backward=backward)
+    testing.check_finite_differences(f, x, *_params(3, jnp.float64), r)
+    testing.check_finite_differences(f, x, *_params(3, jnp.float64), r, order=2)
+
+
+def test_fused_epilogue_keeps_no_extra_full_size_residual():
+    """With the ReLU the rule keeps x and y (the layer's output, which the next layer keeps
+    anyway), never a mask or the pre-activation of its own."""
+    x, r = rand(0, (16, 4), jnp.float32), rand(5, (16, 4), jnp.float32)
+    gamma, beta = _params(4, jnp.float32)
+    state = jaxbn.init_batch_norm_state(4)
+    f = lambda x, r: jaxbn.batch_norm(x, gamma, beta, state, train=True, residual=r,
+                                      activation="relu")[0]
+    y, pullback = jax.vjp(f, x, r)
+    full = [a for a in jax.tree.leaves(pullback) if getattr(a, "shape", ()) == x.shape]
+    assert len(full) == 2
+    assert any(a is y or np.array_equal(a, y) for a in full)
+    assert any(np.array_equal(a, x) for a in full)
+
+
+def test_fused_epilogue_in_test_mode_and_under_transforms():
+    x, r = rand(0, (8, 3), jnp.float64, offset=0.3), rand(5, (8, 3), jnp.float64)
+    gamma, beta = _params(3, jnp.float64)
+    state = _state(3)
+    ours = jaxbn.batch_norm(x, gamma, beta, state, train=False, residual=r, activation="relu")
+    running = reference.batch_norm_test(x, gamma, beta, state.mean, state.var)
+    np.testing.assert_allclose(ours[0], jax.nn.relu(running + r), rtol=1e-6, atol=1e-6)
+    assert ours[1] is not None and np.array_equal(ours[1].mean, state.mean)
+    f = _fused(jaxbn.init_batch_norm_state(3, jnp.float64), "relu", True)
+    testing.check_transforms(f, x, gamma, beta, r, reduction_size=8)
+
+
+def test_fused_epilogue_across_a_mapped_axis_is_the_global_batch_norm():
+    """vmap with axis_name (the split rules) equals the fused call on the whole batch."""
+    x, r = rand(0, (3, 6, 4), jnp.float64, offset=0.5), rand(5, (3, 6, 4), jnp.float64)
+    gamma, beta = _params(4, jnp.float64)
+    state = jaxbn.init_batch_norm_state(4, jnp.float64)
+    mapped = jax.vmap(lambda x, r: jaxbn.batch_norm(x, gamma, beta, state, train=True,
+                                                    axis_name="d", residual=r,
+                                                    activation="relu")[0], axis_name="d")
+    whole = lambda x, r: _fused(state, "relu", True)(x.reshape(18, 4), gamma, beta,
+                                                     r.reshape(18, 4)).reshape(3, 6, 4)
+    testing.check_vjp(mapped, whole, x, r)
+
+
+def test_fused_epilogue_scan_and_checkpoint():
+    x, r = rand(0, (8, 3), jnp.float32), rand(5, (8, 3), jnp.float32)
+    gamma, beta = _params(3, jnp.float32)
+    state = jaxbn.init_batch_norm_state(3)
+    f = _fused(state, "relu", True)
+
+    def two_layers(body):
+        return lambda x, r: jax.lax.scan(lambda h, _: (body(h, gamma, beta, r), None), x,
+                                         None, length=2)[0]
+    testing.check_vjp(two_layers(jax.checkpoint(f)), two_layers(_fused_oracle(-1, "relu", True)),
+                      x, r)
+
+
+def test_fused_epilogue_bfloat16_rounds_once():
+    x, r = rand(0, (32, 4), jnp.bfloat16, offset=0.2), rand(5, (32, 4), jnp.bfloat16)
+    gamma, beta = _params(4, jnp.float32)
+    state = jaxbn.init_batch_norm_state(4)
+    y, _ = jaxbn.batch_norm(x, gamma, beta, state, train=True, residual=r, activation="relu")
+    exact = _fused_oracle(-1, "relu", True)(*(a.astype(jnp.float64) for a in (x, gamma, beta, r)))
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float64), exact, rtol=2 ** -8, atol=2 ** -8)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(activation="gelu"), ValueError, "activation must be one of 'relu'; got 'gelu'"),
+    (dict(activation=True), ValueError, "activation must be one of"),
+    (dict(residual=np.ones((8, 1), np.float32)), ValueError,
+     r"residual must have x's shape \(8, 3\).*got shape \(8, 1\)"),
+    (dict(residual=np.ones((8, 3), np.float64)), TypeError,
+     "residual must have x's dtype float32; got float64. Pass residual.astype"),
+    (dict(residual=[[1.0] * 3] * 8), TypeError, "residual must be an array"),
+], ids=["unknown-activation", "non-string-activation", "residual-shape", "residual-dtype",
+        "residual-list"])
+def test_fused_epilogue_bad_arguments(kwargs, error, match):
+    x = jnp.ones((8, 3), jnp.float32)
+    with pytest.raises(error, match=match):
+        jaxbn.batch_norm(x, None, None, jaxbn.init_batch_norm_state(3), train=True, **kwargs)
+
+
+def test_fused_relu_refuses_complex_x():
+    x = jnp.ones((8, 3), jnp.complex64)
+    with pytest.raises(TypeError, match="activation='relu' needs real x"):
+        jaxbn.batch_norm(x, None, None, jaxbn.init_batch_norm_state(3, jnp.complex64),
+                         train=True, activation="relu")

@@ -286,3 +286,28 @@ def test_fit_seeds_trains_each_seed_as_training_fit_would_alone():
     np.testing.assert_allclose(history["train_acc"][1, :, 0], alone.history["train_acc"],
                                atol=1e-6)
     assert not np.allclose(history["loss"][0], history["loss"][1])  # another seed, another run
+
+
+def test_train_step_quick_writes_a_table_and_json_and_the_fused_step_makes_fewer_passes(
+        tmp_path, capsys):
+    import jaxbn
+    from experiments import train_step
+
+    result = train_step.main(["--quick", "--repeats", "1", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    saved = json.loads((tmp_path / "train_step.json").read_text())
+    assert saved["nets"] == json.loads(json.dumps(result["nets"]))
+    assert [row["net"] for row in saved["nets"]] == ["mlp", "conv"]
+    assert "batch-norm overhead" in printed and "dropout (rate 0.5)" in printed
+    native = jaxbn.native_status()["enabled"]
+    for row in saved["nets"]:
+        assert {name for name, _, _ in train_step.JAX_VARIANTS} <= set(row["seconds"])
+        assert {"jaxbn", "jaxbn jnp", "flax"} <= set(row["overhead_seconds"])
+        total = {name: p["reads"] + p["writes"] for name, p in row["passes"].items()}
+        assert total["jaxbn jnp"] <= total["jaxbn-unfused jnp"]
+        # The kernels' epilogue removes the ReLU's own passes (a custom call is a fusion
+        # barrier: unfused, the ReLU and its mask are passes of their own).
+        if native:
+            assert total["jaxbn"] < total["jaxbn-unfused"], row["passes"]
+        assert f"{row['net']} {'x'.join(map(str, row['batch']))}" in printed
+    assert {"jaxbn (packed mask)", "bernoulli+where"} <= set(saved["dropout"]["seconds"])

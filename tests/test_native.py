@@ -327,3 +327,51 @@ def test_a_batch_split_across_two_processes():
     for i, (proc, out) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, out[-3000:]
         assert f"process {i}: multi-process native checks passed" in out
+
+
+# (dtype, case): every vector path of the epilogue (features last; inner size > 1, with the
+# 16-wide half-precision loops) once.
+FUSED = [(F32, CASES[0]), (F64, CASES[0]), (F32, CASES[2]), (BF16, CASES[1]), (BF16, CASES[2])]
+
+
+@pytest.mark.parametrize("with_residual", [True, False], ids=["add-relu", "relu"])
+@pytest.mark.parametrize("dtype, case", FUSED,
+                         ids=[f"{jnp.dtype(d).name}-{c[0]}-{c[1]}" for d, c in FUSED])
+def test_fused_native_matches_the_jnp_rule(dtype, case, with_residual):
+    """The kernels' ReLU (+ residual) epilogue and masked backward against the jnp rules."""
+    shape, layout = case
+    x, gamma, beta = _inputs(shape, layout, dtype, offset=0.5)
+    if dtype == jnp.float64:
+        gamma, beta = gamma.astype(dtype), beta.astype(dtype)
+    residual = rand(4, shape, dtype, 0.5) if with_residual else None
+    state = jaxbn.init_batch_norm_state(gamma.shape[0], gamma.dtype)
+    kw = dict(train=True, activation="relu")
+
+    def f(x, gamma, beta, r):
+        if isinstance(layout, str):
+            y, s = jaxbn.spatial_batch_norm(x, gamma, beta, state, layout=layout, residual=r, **kw)
+        else:
+            y, s = jaxbn.batch_norm(x, gamma, beta, state, axis=layout, residual=r, **kw)
+        return y, (s.mean, s.var)
+    args = (x, gamma, beta, residual)
+    dy = rand(3, shape, dtype)
+    jaxpr = str(jax.make_jaxpr(lambda *a: jax.vjp(f, *a, has_aux=True)[1](dy))(*args))
+    assert "jaxbn_batch_norm_forward" in jaxpr and "jaxbn_batch_norm_backward" in jaxpr
+    native, reference = _vjp(True, f, args, dy), _vjp(False, f, args, dy)
+    assert np.mean(np.asarray(native[0], np.float64) == 0) > 0.1  # the ReLU clips something
+    tol = {jnp.float64: 1e-12, jnp.float32: 2e-5, jnp.bfloat16: 2e-2}[dtype]
+    for a, b in zip(jax.tree.leaves(native), jax.tree.leaves(reference)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        np.testing.assert_allclose(a64, b64, rtol=tol, atol=tol * np.max(np.abs(b64)))
+
+
+def test_fused_native_matches_finite_differences():
+    x, gamma, beta = (a.astype(jnp.float64) for a in _inputs((40, 6), -1, jnp.float64, 0.5))
+    r = rand(4, (40, 6), jnp.float64)
+    state = jaxbn.init_batch_norm_state(6, jnp.float64)
+    f = lambda x, g, b, r: jaxbn.batch_norm(x, g, b, state, train=True, residual=r,
+                                            activation="relu")[0]
+    assert "jaxbn_batch_norm_backward" in str(jax.make_jaxpr(
+        lambda x: jax.vjp(lambda x: f(x, gamma, beta, r), x)[1](x))(x))
+    testing.check_finite_differences(f, x, gamma, beta, r)

@@ -144,7 +144,7 @@ class _NormCache(NamedTuple):
     shape: tuple[int, ...] = ()  # x's shape (group norm views x with its channels split)
 
 
-_core_fwd = jax.jit(_normalize_core_fwd, static_argnums=3)
+_core_fwd = jax.jit(_normalize_core_fwd, static_argnums=4)
 # The two derivations, compiled. The notebook times them with time.time(): each is compiled and
 # run once when a forward first meets a new shape, so that its timing cell measures the
 # derivations, not XLA's compilation.
@@ -186,7 +186,7 @@ def _batchnorm(x, gamma, beta, bn_param, image_layout):
     if mode == "train":
         p = _batch_norm.prepare(x, gamma, beta, state, lay, backward="alt", axis_name=None,
                                 mask=None, **options)
-        (out, mean, var), residuals = _core_fwd(p.x, p.gamma, p.beta, p.config)
+        (out, mean, var), residuals = _core_fwd(p.x, p.gamma, p.beta, None, p.config)
         _warm_rules(p.config, residuals)
         state = _batch_norm.new_state(p, mean, var)
         cache = _NormCache(p.config, residuals, shape=x.shape)
@@ -311,7 +311,7 @@ def _norm_forward(x, gamma, beta, lay, param):
     xv, gv, bv, config = _layer_norm.prepare(x, _jnp(gamma).reshape(lay.param_shape),
                                              _jnp(beta).reshape(lay.param_shape), lay,
                                              float(param.get("eps", 1e-5)), "alt")
-    (out, _, _), residuals = _core_fwd(xv, gv, bv, config)
+    (out, _, _), residuals = _core_fwd(xv, gv, bv, None, config)
     return _np(out.reshape(lay.shape)), _NormCache(config, residuals, shape=lay.shape)
 
 
