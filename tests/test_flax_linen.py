@@ -161,13 +161,15 @@ def _against_linen(flax_layer, ours, x, *, rtol, atol, mutable=("batch_stats",),
                    grads=True, **call):
     """Outputs, their dtype, the updated collections and the VJPs (random cotangents, w.r.t. the
     parameters and x) of ``ours`` against ``flax_layer``, from the same variables."""
-    variables = flax_layer.init(jax.random.key(0), x, **call)
-    assert jax.tree.structure(variables) == jax.tree.structure(
-        ours.init(jax.random.key(0), x, **call))
+    # Jitted: eager op-by-op dispatch made these tests slow.
+    init = lambda layer: jax.jit(lambda key, x: layer.init(key, x, **call))(jax.random.key(0), x)
+    variables = init(flax_layer)
+    assert jax.tree.structure(variables) == jax.tree.structure(init(ours))
     variables = _randomized(variables, seed)
     mutable = [m for m in mutable if m in variables]
     (y_ours, upd_ours), (y_flax, upd_flax) = (
-        layer.apply(variables, x, mutable=mutable, **call) for layer in (ours, flax_layer))
+        jax.jit(lambda v, x: layer.apply(v, x, mutable=mutable, **call))(variables, x)
+        for layer in (ours, flax_layer))
     assert y_ours.dtype == y_flax.dtype
     np.testing.assert_allclose(np.asarray(y_ours, np.complex128), np.asarray(y_flax, np.complex128),
                                rtol=rtol, atol=atol)
