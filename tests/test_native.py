@@ -69,9 +69,11 @@ def _vjp(native: bool, f, args, dy):
     (the switch is read when the forward and the backward are traced)."""
     old = os.environ.get(_native.ENV)
     os.environ[_native.ENV] = "1" if native else "0"
-    try:
+    def run(args, dy):
         y, pullback, stats = jax.vjp(f, *args, has_aux=True)
         return y, stats, pullback(dy)
+    try:  # jitted (traced here, under the switch): eager op-by-op dispatch made these slow
+        return jax.jit(run)(args, dy)
     finally:
         if old is None:
             del os.environ[_native.ENV]
