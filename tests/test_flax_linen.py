@@ -324,11 +324,13 @@ def test_under_nn_scan_nn_remat_and_nn_vmap_as_linen():
         results = []
         for layers in (nn, jlinen):
             model = build(layers)
-            variables = _randomized(model.init(jax.random.key(0), *args), 2)
-            out, updates = model.apply(variables, *args, mutable=["batch_stats"])
-            grads = jax.grad(lambda p: jnp.sum(jax.tree.leaves(model.apply(
-                {**variables, "params": p}, *args, mutable=["batch_stats"])[0])[0]
-                * rand(12, x.shape, F32).reshape(jax.tree.leaves(out)[0].shape)))(
+            # Jitted: eager op-by-op dispatch made this test slow.
+            variables = _randomized(jax.jit(lambda k: model.init(k, *args))(jax.random.key(0)), 2)
+            out, updates = jax.jit(lambda v: model.apply(v, *args, mutable=["batch_stats"]))(
+                variables)
+            ct = rand(12, x.shape, F32).reshape(jax.tree.leaves(out)[0].shape)
+            grads = jax.jit(jax.grad(lambda p: jnp.sum(jax.tree.leaves(model.apply(
+                {**variables, "params": p}, *args, mutable=["batch_stats"])[0])[0] * ct)))(
                 variables["params"])
             results.append((out, updates, grads))
         for a, b in zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[0])):
