@@ -65,7 +65,9 @@ def compare(layout, dtype, offset, tol, masked=False, backward="alt", padding=No
         x8 = jnp.where(jnp.expand_dims(mask, axis), x, padding).astype(dtype)
     (_, (y8, s8)), g8 = jax.jit(loss(smap))(sharded(x8), gamma, beta,
                                             sharded(mask) if masked else None)
-    (_, (y1, s1)), g1 = loss(lambda x, g, b, m: call(x, g, b, m, None))(x, gamma, beta, mask)
+    # Jitted too: eager op-by-op dispatch of the one-device run made this script slow.
+    (_, (y1, s1)), g1 = jax.jit(loss(lambda x, g, b, m: call(x, g, b, m, None)))(x, gamma, beta,
+                                                                                mask)
     what = f"{layout} {jnp.dtype(dtype).name} offset {offset} masked={masked} {backward}"
     close(y8, y1, tol, what + " y")
     for name, a, b in zip(("dx", "dgamma", "dbeta"), g8, g1):
@@ -111,7 +113,7 @@ grads = jax.jit(jax.grad(lambda x, g, b: jnp.sum(smap(x, g, b, sharded(mask)) * 
                          argnums=(0, 1, 2)))(sharded(x), g, b)
 naive = lambda x, g, b: jnp.sum(reference.normalize(x, g[None], b[None], (0,), 1e-5, None,
                                                     mask[:, None])[0] * dy)
-for a, r in zip(grads, jax.grad(naive, argnums=(0, 1, 2))(x, g, b)):
+for a, r in zip(grads, jax.jit(jax.grad(naive, argnums=(0, 1, 2)))(x, g, b)):
     close(a, r, 1e-12, "masked shard_map vs naive autodiff")
 
 # jax.pmap with the same axis name: one example group per device, the same as one big batch.

@@ -91,7 +91,7 @@ def test_mask_is_the_documented_one_and_finite_differences_hold():
     key = jax.random.key(2)
     x = rand(0, (6, 5))
     fn = lambda x: jaxbn.dropout(key, x, rate=0.4, train=True)
-    testing.check_finite_differences(fn, x, tol=1e-8)
+    testing.check_finite_differences(jax.jit(fn), x, tol=1e-8)
     # The oracle draws the mask from the docstring's description (a bitcast of the random words
     # where the implementation shifts): the same elements for every rate and shape, including a
     # last axis that the words do not divide, a scalar, and a traced rate (16 bits).

@@ -110,6 +110,9 @@ def test_quick_smoke_run_writes_png_json_and_report(tmp_path):
         assert finding["text"].startswith(what) and verdict.split(" by ")[0] in finding["text"]
 
 
+# The whole benchmark script: every rule's timing rounds, an 8-device sharded row and the adapters'
+# rows, each compiled (about 20 s on a quiet machine, whatever the shapes).
+@pytest.mark.slow
 def test_benchmark_quick_writes_a_table_and_json(tmp_path, capsys):
     from experiments import benchmark
 

@@ -45,14 +45,16 @@ def test_batch_norm_matches_linen_over_steps_train_and_eval(shape, axis):
         ours.init(jax.random.key(0), x0, use_running_average=False))
     np.testing.assert_array_equal(variables["batch_stats"]["var"], 1.0)  # init updates nothing
     v_flax = v_ours = variables
+    train = lambda layer: jax.jit(lambda v, x: layer.apply(v, x, use_running_average=False,
+                                                          mutable=["batch_stats"]))
+    train_ours, train_flax = train(ours), train(flax_bn)  # compiled once for the three steps
     for step in range(3):
         x = rand(step, shape, F32, 2.0, 5.0)
         testing.check_vjp(_apply(ours, v_ours, use_running_average=False),
                           _apply(flax_bn, v_flax, use_running_average=False),
                           v_ours["params"], x, key=jax.random.key(step), rtol=2e-4, atol=2e-5)
-        y_ours, upd_ours = ours.apply(v_ours, x, use_running_average=False, mutable=["batch_stats"])
-        y_flax, upd_flax = flax_bn.apply(v_flax, x, use_running_average=False,
-                                         mutable=["batch_stats"])
+        y_ours, upd_ours = train_ours(v_ours, x)
+        y_flax, upd_flax = train_flax(v_flax, x)
         np.testing.assert_allclose(y_ours, y_flax, rtol=1e-5, atol=1e-5)
         v_ours, v_flax = {**v_ours, **upd_ours}, {**v_flax, **upd_flax}
         for stat in ("mean", "var"):
@@ -161,13 +163,15 @@ def _against_linen(flax_layer, ours, x, *, rtol, atol, mutable=("batch_stats",),
                    grads=True, **call):
     """Outputs, their dtype, the updated collections and the VJPs (random cotangents, w.r.t. the
     parameters and x) of ``ours`` against ``flax_layer``, from the same variables."""
-    variables = flax_layer.init(jax.random.key(0), x, **call)
-    assert jax.tree.structure(variables) == jax.tree.structure(
-        ours.init(jax.random.key(0), x, **call))
+    # Jitted: eager op-by-op dispatch made these tests slow.
+    init = lambda layer: jax.jit(lambda key, x: layer.init(key, x, **call))(jax.random.key(0), x)
+    variables = init(flax_layer)
+    assert jax.tree.structure(variables) == jax.tree.structure(init(ours))
     variables = _randomized(variables, seed)
     mutable = [m for m in mutable if m in variables]
     (y_ours, upd_ours), (y_flax, upd_flax) = (
-        layer.apply(variables, x, mutable=mutable, **call) for layer in (ours, flax_layer))
+        jax.jit(lambda v, x: layer.apply(v, x, mutable=mutable, **call))(variables, x)
+        for layer in (ours, flax_layer))
     assert y_ours.dtype == y_flax.dtype
     np.testing.assert_allclose(np.asarray(y_ours, np.complex128), np.asarray(y_flax, np.complex128),
                                rtol=rtol, atol=atol)
@@ -320,11 +324,13 @@ def test_under_nn_scan_nn_remat_and_nn_vmap_as_linen():
         results = []
         for layers in (nn, jlinen):
             model = build(layers)
-            variables = _randomized(model.init(jax.random.key(0), *args), 2)
-            out, updates = model.apply(variables, *args, mutable=["batch_stats"])
-            grads = jax.grad(lambda p: jnp.sum(jax.tree.leaves(model.apply(
-                {**variables, "params": p}, *args, mutable=["batch_stats"])[0])[0]
-                * rand(12, x.shape, F32).reshape(jax.tree.leaves(out)[0].shape)))(
+            # Jitted: eager op-by-op dispatch made this test slow.
+            variables = _randomized(jax.jit(lambda k: model.init(k, *args))(jax.random.key(0)), 2)
+            out, updates = jax.jit(lambda v: model.apply(v, *args, mutable=["batch_stats"]))(
+                variables)
+            ct = rand(12, x.shape, F32).reshape(jax.tree.leaves(out)[0].shape)
+            grads = jax.jit(jax.grad(lambda p: jnp.sum(jax.tree.leaves(model.apply(
+                {**variables, "params": p}, *args, mutable=["batch_stats"])[0])[0] * ct)))(
                 variables["params"])
             results.append((out, updates, grads))
         for a, b in zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[0])):
@@ -338,8 +344,8 @@ def test_the_documented_differences_from_flax_hold():
     variable dtypes."""
     x = rand(13, (8, 3), F32, 1.0, 2.0)
     mask = jnp.ones((8, 3), bool).at[:, 0].set(False)
-    stats = [layer.apply(layer.init(jax.random.key(0), x), x, mask=mask,
-                         mutable=["batch_stats"])[1]["batch_stats"]
+    stats = [jax.jit(lambda x, m: layer.apply(layer.init(jax.random.key(0), x), x, mask=m,
+                                              mutable=["batch_stats"])[1]["batch_stats"])(x, mask)
              for layer in (nn.BatchNorm(use_running_average=False),
                            jlinen.BatchNorm(use_running_average=False))]
     assert np.isnan(stats[0]["mean"][0]) and stats[1]["mean"][0] == 0.0
@@ -350,9 +356,10 @@ def test_the_documented_differences_from_flax_hold():
     for layer in (nn.BatchNorm(use_running_average=False, axis_name="d", momentum=0.0),
                   jlinen.BatchNorm(use_running_average=False, axis_name="d", momentum=0.0)):
         variables = layer.init(jax.random.key(0), xs[0])
-        means.append(jax.vmap(lambda x, m: layer.apply(variables, x, mask=m,
-                                                       mutable=["batch_stats"])[1],
-                              axis_name="d", out_axes=None)(xs, rows)["batch_stats"]["mean"])
+        means.append(jax.jit(jax.vmap(lambda x, m: layer.apply(variables, x, mask=m,
+                                                               mutable=["batch_stats"])[1],
+                                      axis_name="d", out_axes=None))(xs, rows)
+                     ["batch_stats"]["mean"])
     valid = np.concatenate([np.asarray(xs[0]), np.asarray(xs[1, :1])])
     np.testing.assert_allclose(means[1], valid.mean(0), rtol=1e-5)  # the 5 valid rows'
     np.testing.assert_allclose(means[0], (xs[0].mean(0) + xs[1, 0]) / 2, rtol=1e-5)

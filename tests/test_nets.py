@@ -15,6 +15,10 @@ from jaxbn import nets, testing
 
 from helpers import rand
 
+# Jitted once for every case: eager op-by-op dispatch made these tests slow.
+_apply_mlp = jax.jit(nets.apply_mlp, static_argnames=("train",))
+_apply_conv_net = jax.jit(nets.apply_conv_net, static_argnames=("train",))
+
 
 @pytest.mark.parametrize("normalization", [None, "batchnorm", "layernorm"])
 def test_mlp_layout_and_test_mode_is_deterministic(normalization):
@@ -26,16 +30,16 @@ def test_mlp_layout_and_test_mode_is_deterministic(normalization):
     assert set(params) == expected and params["W1"].shape == (12, 8)
     assert len(state.batch_norm) == (2 if normalization == "batchnorm" else 0)
     x = rand(0, (5, 3, 4), jnp.float32)  # flattened to (5, 12)
-    a, s1 = nets.apply_mlp(params, state, x, train=False, key=jax.random.key(1))
-    b, s2 = nets.apply_mlp(params, state, x, train=False, key=jax.random.key(2))
-    c, _ = nets.apply_mlp(params, state, x, train=False)
+    a, s1 = _apply_mlp(params, state, x, train=False, key=jax.random.key(1))
+    b, s2 = _apply_mlp(params, state, x, train=False, key=jax.random.key(2))
+    c, _ = _apply_mlp(params, state, x, train=False)
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, c)
     assert a.shape == (5, 4)
     for u, v in zip(jax.tree.leaves(s1), jax.tree.leaves(state)):
         np.testing.assert_array_equal(u, v)  # test mode leaves the running statistics alone
-    t1, _ = nets.apply_mlp(params, state, x, train=True, key=jax.random.key(1))
-    t2, _ = nets.apply_mlp(params, state, x, train=True, key=jax.random.key(2))
+    t1, _ = _apply_mlp(params, state, x, train=True, key=jax.random.key(1))
+    t2, _ = _apply_mlp(params, state, x, train=True, key=jax.random.key(2))
     assert not np.array_equal(t1, t2)  # dropout in train mode depends on the key
 
 
@@ -56,10 +60,11 @@ def test_mlp_equals_layers_composed_by_hand_and_gradients_match_autodiff():
         scores, _ = nets.apply_mlp(params, state, x, train=True)
         return nets.softmax_cross_entropy(scores, y) + nets.l2_penalty(params, 0.3)
 
-    assert abs(float(ours(params)) - float(by_hand(params, "alt"))) <= 1e-14
+    assert abs(float(jax.jit(ours)(params)) - float(jax.jit(by_hand, static_argnums=1)(
+        params, "alt"))) <= 1e-14
     # b1 feeds batch norm, so its gradient is exactly 0: an absolute floor.
     testing.check_vjp(ours, lambda p: by_hand(p, "autodiff"), params, rtol=1e-10, atol=1e-14)
-    assert np.max(np.abs(jax.grad(ours)(params)["W1"])) > 1e-3
+    assert np.max(np.abs(jax.jit(jax.grad(ours))(params)["W1"])) > 1e-3
 
 
 def test_l2_penalty_covers_weights_only():
@@ -74,7 +79,7 @@ def test_conv_net_shapes_state_and_gradients(normalization):
                                        normalization=normalization, dtype=jnp.float64)
     assert params["conv1_W"].shape == (2, 1, 3, 3) and params["W1"].shape == (3 * 1 * 1, 5)
     x = rand(1, (3, 1, 4, 4))
-    scores, new = nets.apply_conv_net(params, state, x, train=True)
+    scores, new = _apply_conv_net(params, state, x, train=True)
     assert scores.shape == (3, 5)
     assert len(new.batch_norm) == (3 if normalization == "batchnorm" else 0)
     if normalization == "batchnorm":
@@ -92,8 +97,8 @@ def test_jit_and_vmap_over_stacked_models():
     x = rand(1, (8, 6), jnp.float32)
     stacked, _ = jax.jit(jax.vmap(lambda p, s: nets.apply_mlp(p, s, x, train=True)))(params, state)
     for i in range(3):
-        p_i, s_i = init(keys[i])
-        np.testing.assert_allclose(stacked[i], nets.apply_mlp(p_i, s_i, x, train=True)[0],
+        p_i, s_i = jax.jit(init)(keys[i])
+        np.testing.assert_allclose(stacked[i], _apply_mlp(p_i, s_i, x, train=True)[0],
                                    rtol=1e-5, atol=1e-6)
 
 
@@ -145,7 +150,7 @@ def test_backward_reaches_every_normalization_of_a_net(conv):
         params, state = make("autodiff")
         assert state.backward == "autodiff"
         f = lambda x: apply(params, state, x, train=True)[0]
-        _, tangent = jax.jvp(f, (x,), (jnp.ones_like(x),))
+        _, tangent = jax.jit(lambda x: jax.jvp(f, (x,), (jnp.ones_like(x),)))(x)
         assert bool(jnp.all(jnp.isfinite(tangent))) and float(jnp.max(jnp.abs(tangent))) > 0
         params, state = make("alt")
         with pytest.raises(TypeError, match="backward='autodiff'"):

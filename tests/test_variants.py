@@ -378,10 +378,12 @@ def test_layer_and_group_norm_masks_select(padding):
     mask = jnp.asarray([[1, 1, 0, 1, 1, 1], [1, 0, 1, 1, 0, 1], [1, 1, 1, 1, 1, 0]], bool)
     gamma, beta = _params(6)
 
+    valid = [np.flatnonzero(np.asarray(row)) for row in mask]  # outside: traceable, jitted
+
     def valid_only(x, g, b):  # each row normalized over its valid entries, zeros elsewhere
         rows = []
         for i in range(3):
-            cols = np.flatnonzero(np.asarray(mask[i]))
+            cols = valid[i]
             yi = reference.normalize(x[i, cols][None], g[cols][None], b[cols][None], (1,),
                                      1e-5)[0][0]
             rows.append(jnp.zeros(6).at[cols].set(yi))
