@@ -3,7 +3,18 @@
 Every test states its dtypes explicitly, so float32/bfloat16 behaviour is tested as well.
 """
 
-import jax
+import os
+
+# Compilation, not execution, is most of this suite's time. The test command compiles with LLVM's
+# cheap pipeline: the HLO XLA runs (what is computed, in which order) is the same, the machine code
+# less optimized. JAXBN_TEST_FULL_OPT=1 keeps XLA's defaults (.ci/run's floor job runs the whole
+# suite that way). Subprocesses started by tests inherit the setting through the environment.
+if not os.environ.get("JAXBN_TEST_FULL_OPT"):
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [
+        os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0",
+        "--xla_llvm_disable_expensive_passes=true"]))
+
+import jax  # noqa: E402  (after XLA_FLAGS)
 
 jax.config.update("jax_enable_x64", True)
 

@@ -187,7 +187,10 @@ def test_groupnorm_matches_numpy_and_finite_differences(groups, rng):
     for a, b in zip(grads, ref.groupnorm_backward(dout, cache_ref)):
         _close(a, b, 1e-11)
     fwd = lambda x, g, b: spatial_groupnorm_forward(x, g, b, groups, {"eps": 1e-5})
-    assert max(_fd_errors(fwd, spatial_groupnorm_backward, (x, gamma, beta), dout)) <= 1e-7
+    # rel_error is elementwise: on dx's smallest entries (x at offset 10) the central differences'
+    # rounding alone is about 1e-7 and moves with the compiled code; the backward itself is held
+    # to the reference at 1e-11 above.
+    assert max(_fd_errors(fwd, spatial_groupnorm_backward, (x, gamma, beta), dout)) <= 1e-6
 
 
 def test_affine_relu_softmax_match_numpy(rng):

@@ -253,6 +253,7 @@ solver.train()
 """
 
 
+@pytest.mark.slow
 def test_notebook_batchnorm_for_deep_networks_cell_on_digits(capsys):
     """The BatchNormalization notebook's cell, cs231n. -> jaxbn.cs231n., CIFAR-10 -> digits."""
     from sklearn.datasets import load_digits

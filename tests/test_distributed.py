@@ -21,6 +21,7 @@ from jaxbn import reference, testing
 from helpers import rand
 
 
+@pytest.mark.slow
 def test_eight_device_shard_map_matches_one_device():
     script = os.path.join(os.path.dirname(__file__), "multidevice_check.py")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -204,6 +205,7 @@ def test_bad_mask_and_axis_name(jit):
                                  mask=jnp.ones((2, 3, 4, 2), bool))
 
 
+@pytest.mark.slow
 def test_data_parallel_example_runs():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -178,6 +178,7 @@ def _train(layers, steps=20):
     return np.array(losses), scores, state
 
 
+@pytest.mark.slow
 def test_swapping_the_import_trains_a_conv_net_to_the_same_losses():
     class EquinoxLayers:  # eqx.nn with mode="batch", as a user's model would construct it
         BatchNorm = eqx.nn.BatchNorm

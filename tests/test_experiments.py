@@ -291,6 +291,7 @@ def test_fit_seeds_trains_each_seed_as_training_fit_would_alone():
     assert not np.allclose(history["loss"][0], history["loss"][1])  # another seed, another run
 
 
+@pytest.mark.slow
 def test_train_step_quick_writes_a_table_and_json_and_the_fused_step_makes_fewer_passes(
         tmp_path, capsys):
     import jaxbn

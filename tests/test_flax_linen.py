@@ -132,6 +132,7 @@ def _train(layers, steps=20):
     return np.array(losses), model.apply(variables, xs[0], train=False)
 
 
+@pytest.mark.slow
 def test_swapping_the_import_trains_a_conv_net_to_the_same_losses():
     losses_flax, eval_flax = _train(nn)
     losses_ours, eval_ours = _train(jlinen)
@@ -210,6 +211,7 @@ def test_one_value_per_feature_and_rank_one_inputs_normalize_to_the_bias():
         np.testing.assert_allclose(upd["batch_stats"]["var"], 0.99, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_complex_batch_norm_matches_linen_mean_complex_variance_real():
     """Flax's complex batch norm (its own test's shapes): a complex running mean, a real running
     variance, complex output; with a mask, NaN in the masked-out entries reaches nothing."""
@@ -261,6 +263,7 @@ def test_a_mask_varying_along_the_features_matches_linen_on_the_valid_entries():
                       atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_axes_flax_accepts_for_layer_and_group_norm():
     """Group norm over reduction_axes that include the batch axis or skip one; layer norm over a
     middle axis, and with its parameters along an axis it does not reduce (instance norm)."""

@@ -105,6 +105,7 @@ def test_layer_norm_invariants_and_batch_independence():
     np.testing.assert_allclose(jax.jit(jaxbn.layer_norm)(x, gamma, beta), y, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["layer", "group"])
 def test_second_order_and_finite_differences(which):
     if which == "layer":

@@ -20,6 +20,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from experiments.data_parallel import free_port, launch
 
@@ -93,6 +94,7 @@ def test_launcher_refuses_a_taken_port():
     assert f"port {port} on 127.0.0.1 is taken" in proc.stderr and "--port" in proc.stderr
 
 
+@pytest.mark.slow
 def test_readme_snippet_on_two_processes_survives_a_killed_process_and_resumes(tmp_path):
     uninterrupted, crashed = tmp_path / "uninterrupted", tmp_path / "crashed"
     uninterrupted.mkdir(), crashed.mkdir()

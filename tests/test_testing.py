@@ -65,6 +65,7 @@ def frozen_backward(x_hat, inv_std, gamma, dy):
     return correct(jax.lax.stop_gradient(x_hat), jax.lax.stop_gradient(inv_std), gamma, dy)
 
 
+@pytest.mark.slow
 def test_every_check_passes_on_a_correct_rule():
     bn = _rule_bn(correct)
     testing.check_vjp(bn, naive, X, G, B)

@@ -35,6 +35,7 @@ def _equal_trees(a, b):
     return all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(la, lb))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalization", [None, "batchnorm"])
 def test_overfits_50_examples_within_20_epochs(normalization):
     """cs231n's sanity check: a 3-layer net memorizes 50 examples."""
@@ -63,6 +64,7 @@ def test_train_step_works_with_an_optax_schedule_and_reduces_loss():
     assert not np.allclose(state.batch_norm[0].mean, 0.0)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path, interrupt_after=2):
     x, y = _data(80)
     xv, yv = _data(30, seed=1)
@@ -253,6 +255,7 @@ def test_make_train_step_takes_a_loss_function():
     assert float(metrics["loss"]) == pytest.approx(float(squared_hinge(scores, y)), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_vmap_over_three_stacked_models_equals_three_runs():
     x, y = _data(60)
     scales = [1e-2, 5e-2, 1e-1]
@@ -339,6 +342,7 @@ def test_progress_bar_on_request_and_off_by_flag(capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_data_parallel_training_on_four_devices():
     """fit/make_train_step/make_epoch/Solver with mesh= against one device, no all-gather in the
     compiled step, LOCAL vs global statistics, resuming on another device count (a subprocess:
@@ -351,6 +355,7 @@ def test_data_parallel_training_on_four_devices():
     assert "multi-device training checks passed" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_one_device_mesh_gives_the_same_bits_as_no_mesh(tmp_path):
     """The mesh path draws the permutation and gathers the batches on the host: the same batches
     as the jitted gather, so on one device the same bits; its checkpoint resumes without mesh."""

@@ -197,6 +197,7 @@ def _renorm_args(dtype=jnp.float64):
     return x, *_params(D, dtype), jaxbn.BatchNormState(*running)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backward", ["alt", "graph", "autodiff"])
 def test_renorm_vjp_matches_the_naive_forward(backward):
     x, gamma, beta, state = _renorm_args()
@@ -251,6 +252,7 @@ def _ghost_reference(x, gamma, beta, k):
     return jnp.concatenate(groups)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backward", ["alt", "graph"])
 def test_ghost_batch_norm_is_batch_norm_per_virtual_batch(backward):
     x = rand(0, (12, D), scale=2.0, offset=1.0)
