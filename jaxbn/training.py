@@ -141,8 +141,6 @@ class TrainState(NamedTuple):
     Example:
       >>> import jax, optax
       >>> from jaxbn import nets, training
-      >>> x = jax.random.normal(jax.random.key(0), (64, 8))
-      >>> y = (x[:, 0] > 0).astype(int)  # two classes
       >>> params, state = nets.init_mlp(jax.random.key(1), 8, [16], 2, normalization="batchnorm",
       ...                               weight_scale=0.1)
       >>> stacked = jax.tree.map(lambda a: a[None], (params, state))  # a model axis of 1
@@ -193,8 +191,6 @@ def init_train_state(params: Any, net_state: Any,
     Example:
       >>> import jax, optax
       >>> from jaxbn import nets, training
-      >>> x = jax.random.normal(jax.random.key(0), (64, 8))
-      >>> y = (x[:, 0] > 0).astype(int)  # two classes
       >>> params, state = nets.init_mlp(jax.random.key(1), 8, [16], 2, normalization="batchnorm",
       ...                               weight_scale=0.1)
       >>> two = jax.tree.map(lambda a: jax.numpy.stack([a, a]), (params, state))  # M = 2 models
@@ -351,8 +347,6 @@ def record_epoch(state: TrainState, params: Any, net_state: Any, opt_state: Any,
     Example:
       >>> import jax, optax
       >>> from jaxbn import nets, training
-      >>> x = jax.random.normal(jax.random.key(0), (64, 8))
-      >>> y = (x[:, 0] > 0).astype(int)  # two classes
       >>> params, state = nets.init_mlp(jax.random.key(1), 8, [16], 2, normalization="batchnorm",
       ...                               weight_scale=0.1)
       >>> import numpy as np
@@ -664,8 +658,6 @@ def save_train_state(path: str | os.PathLike, state: TrainState, fingerprint: di
     Example:
       >>> import jax, optax
       >>> from jaxbn import nets, training
-      >>> x = jax.random.normal(jax.random.key(0), (64, 8))
-      >>> y = (x[:, 0] > 0).astype(int)  # two classes
       >>> params, state = nets.init_mlp(jax.random.key(1), 8, [16], 2, normalization="batchnorm",
       ...                               weight_scale=0.1)
       >>> import os, tempfile
@@ -700,8 +692,6 @@ def restore_train_state(path: str | os.PathLike, like: TrainState, fingerprint: 
     Example:
       >>> import jax, optax
       >>> from jaxbn import nets, training
-      >>> x = jax.random.normal(jax.random.key(0), (64, 8))
-      >>> y = (x[:, 0] > 0).astype(int)  # two classes
       >>> params, state = nets.init_mlp(jax.random.key(1), 8, [16], 2, normalization="batchnorm",
       ...                               weight_scale=0.1)
       >>> import os, tempfile
