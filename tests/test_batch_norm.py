@@ -202,6 +202,7 @@ def test_no_gradient_through_state(train):
     assert all(np.all(np.asarray(g) == 0.0) for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backward", RULES)
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
 def test_jit_vmap_and_second_order_agree(backward, dtype):

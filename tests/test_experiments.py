@@ -85,6 +85,7 @@ def test_cli_reports_a_missing_cifar_directory(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quick_smoke_run_writes_png_json_and_report(tmp_path):
     out = tmp_path / "results"
     assert run.main(["--quick", "--only", "dropout", "--no-progress", "--out", str(out),

@@ -73,6 +73,7 @@ def test_l2_penalty_covers_weights_only():
     assert float(nets.l2_penalty(params, 0.5)) == pytest.approx(0.5 * 0.5 * (16 + 4))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalization", [None, "batchnorm", "layernorm"])
 def test_conv_net_shapes_state_and_gradients(normalization):
     params, state = nets.init_conv_net(jax.random.key(0), (1, 4, 4), (2, 3), (5,), 5,

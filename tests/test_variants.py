@@ -374,6 +374,7 @@ def test_group_norm_with_one_value_per_group_is_an_error():
         jaxbn.group_norm(jnp.ones((2, 4, 1, 1)), jnp.ones(4), jnp.zeros(4), groups=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("padding", [np.nan, np.inf])
 def test_layer_and_group_norm_masks_select(padding):
     x = rand(0, (3, 6), scale=2.0, offset=1.0)
