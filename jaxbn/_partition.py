@@ -96,15 +96,14 @@ def local_forward(x, gamma, beta, *residual, nb: int, axis: int, eps: float, rel
     across the shards along them (see the module docstring). ``y`` has the epilogue: ``+
     residual`` (where given, x-shaped), then a ReLU where ``relu``, inside the kernel's pass."""
     call = functools.partial(_call, stats_shape=gamma.shape, nb=nb, axis=axis)
-    eps, relu = np.float64(eps), np.bool_(relu)
+    attrs = dict(eps=np.float64(eps), relu=np.bool_(relu))
     if not reduce_axes:
-        return call("jaxbn_batch_norm_forward", x, "xppp", gamma, beta, *residual, eps=eps,
-                    relu=relu)
+        return call("jaxbn_batch_norm_forward", x, "xppp", gamma, beta, *residual, **attrs)
     mean_i, var_i = call("jaxbn_batch_norm_stats", x, "pp")
     mean = jax.lax.psum(mean_i, reduce_axes) / shards
     var = jax.lax.psum(var_i + jnp.square(mean_i - mean), reduce_axes) / shards
     y, inv_std = call("jaxbn_batch_norm_normalize", x, "xp", mean, var, gamma, beta, *residual,
-                      eps=eps, relu=relu)
+                      **attrs)
     return y, mean, var, inv_std
 
 
