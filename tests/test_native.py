@@ -42,10 +42,11 @@ CASES = [  # (shape, layout or feature axis)
     ((3, 8, 4, 40), "NCHW"),  # inner size not a multiple of 8
     ((2000, 3), -1),  # several blocks of rows
     ((4, 1100), -1),  # two channel chunks
+    ((37, 40), -1),  # vectors across channels with a channel tail; a tail of rows
 ]
 F32, BF16, F16, F64 = jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64
 MATRIX = ([(dtype, case) for dtype in (F32, F64) for case in CASES]
-          + [(dtype, case) for dtype in (BF16, F16) for case in (CASES[1], CASES[2])])
+          + [(dtype, case) for dtype in (BF16, F16) for case in (CASES[1], CASES[2], CASES[5])])
 
 
 def _bn(layout, backward="alt", momentum=0.9):
@@ -331,9 +332,10 @@ def test_a_batch_split_across_two_processes():
         assert f"process {i}: multi-process native checks passed" in out
 
 
-# (dtype, case): every vector path of the epilogue (features last; inner size > 1, with the
-# 16-wide half-precision loops) once.
-FUSED = [(F32, CASES[0]), (F64, CASES[0]), (F32, CASES[2]), (BF16, CASES[1]), (BF16, CASES[2])]
+# (dtype, case): every vector path of the epilogue (features last; inner size > 1; the 16-wide
+# half-precision loops, with and without a channel tail) once.
+FUSED = [(F32, CASES[0]), (F64, CASES[0]), (F32, CASES[2]), (BF16, CASES[1]), (BF16, CASES[2]),
+         (BF16, CASES[5])]
 
 
 @pytest.mark.parametrize("with_residual", [True, False], ids=["add-relu", "relu"])
