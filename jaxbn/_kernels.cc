@@ -52,7 +52,7 @@
 
 #include "xla/ffi/api/ffi.h"
 
-#if defined(__x86_64__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #ifdef __linux__
@@ -120,10 +120,11 @@ template <class T>
 using E = typename Elementwise<T>::type;
 
 // Eight values as float64 lanes (GCC/Clang vector extensions: AVX-512, AVX2 or SSE2, whatever the
-// build targets). The reductions along S use them: the compiler does not vectorize those loops.
-// Where the build targets AVX-512 the conversions in and out are intrinsics: GCC 12 lowers the
+// build targets). The reductions along S and the explicit loops across channels use them: the
+// compiler does not vectorize those loops well. Where the build targets AVX-512 the bfloat16
+// loads and stores and the float32 <-> float64 conversions are intrinsics: GCC 12 lowers the
 // generic ones 4 or 8 lanes at a time, partly through the stack, and at (64, 64, 32, 32)
-// bfloat16 the passes took 1.3-1.9x as long that way.
+// bfloat16 the passes took 1.3-1.9x as long that way. kAvx512: the build has AVX-512 F and DQ.
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
 constexpr bool kAvx512 = true;
 #else
@@ -432,9 +433,24 @@ std::array<std::vector<double>, N> Sums(const Shape& sh, Rows rows) {
 // own vectorization of the scalar loop converts 4 values at a time and takes 1.2x as long at
 // (4096, 1024); without AVX-512 these 64-byte vectors are split and take 2x as long as the
 // compiler's loop, which then does the work (kAvx512). Add(acc, v) adds v into acc[0, kWidth)
-// in float64.
+// in float64; AddSquares(sum, square_sum, d) adds d and d * d, squared in float64.
 template <class G>
 struct Wide;
+template <>
+struct Wide<double> {
+  using V = Lanes;
+  static constexpr int64_t kWidth = 8;
+  template <class T>
+  static V Get(const T* p) { return Load8(p); }
+  static void Add(double* acc, V v) {
+    const Lanes sum = Load8(acc) + v;
+    std::memcpy(acc, &sum, sizeof sum);
+  }
+  static void AddSquares(double* sum, double* square_sum, V d) {
+    Add(sum, d);
+    Add(square_sum, d * d);
+  }
+};
 template <>
 struct Wide<float> {
   using V = Floats16;
@@ -447,16 +463,12 @@ struct Wide<float> {
     std::memcpy(acc, &low, sizeof low);
     std::memcpy(acc + 8, &high, sizeof high);
   }
-};
-template <>
-struct Wide<double> {
-  using V = Lanes;
-  static constexpr int64_t kWidth = 8;
-  template <class T>
-  static V Get(const T* p) { return Load8(p); }
-  static void Add(double* acc, V v) {
-    const Lanes sum = Load8(acc) + v;
-    std::memcpy(acc, &sum, sizeof sum);
+  // sum += d and square_sum += d * d, d widened first (as the scalar loop of single rows).
+  static void AddSquares(double* sum, double* square_sum, V d) {
+    Lanes low = {}, high = {};
+    Widen(d, &low, &high);
+    Wide<double>::AddSquares(sum, square_sum, low);
+    Wide<double>::AddSquares(sum + 8, square_sum + 8, high);
   }
 };
 
@@ -480,11 +492,8 @@ int64_t StatsWide(const T* x, int64_t stride, int64_t r0, int64_t r1, int64_t n,
     }
   }
   for (; r < r1; ++r)
-    for (int64_t c = 0; c < wide; c += W::kWidth) {
-      const V d = W::Get(x + r * stride + c) - W::Get(shift + c);
-      W::Add(sum + c, d);
-      W::Add(square_sum + c, d * d);
-    }
+    for (int64_t c = 0; c < wide; c += W::kWidth)
+      W::AddSquares(sum + c, square_sum + c, W::Get(x + r * stride + c) - W::Get(shift + c));
   return wide;
 }
 
@@ -770,8 +779,8 @@ struct Coefficients {
 
 // q[0, S) = (p - mu) * a + k1, then the epilogue (r: the residual, not read without kRes).
 template <class T, bool kRes, bool kRelu>
-void NormalizeSpan(const T* __restrict p, const T* __restrict r, T* __restrict q, int64_t S, E<T> mu,
-                   E<T> a, E<T> k1) {
+void NormalizeSpan(const T* __restrict p, const T* __restrict r, T* __restrict q, int64_t S,
+                   E<T> mu, E<T> a, E<T> k1) {
   using F = E<T>;
   int64_t s = 0;
   if constexpr (std::is_same<F, float>::value)
@@ -841,8 +850,9 @@ void Normalize(const Shape& sh, const T* x, const Coefficients<T>& co, const T* 
   });
 }
 
-// dx = a * dz + k1 + (x - mean) * k2 over every row, rows in parallel (vectorized as Normalize),
-// with dz = dy, or with kMask dy masked by the ReLU output y (DzAt), written to dz with kDz.
+// dx = a * dz + k1 + (x - mean) * k2 over every row, rows in parallel (bfloat16/float16 16 values
+// at a time, as in Normalize), with dz = dy, or with kMask dy masked by the ReLU output y (DzAt),
+// written to dz with kDz.
 template <class T, bool kMask, bool kDz>
 void GradInput(const Shape& sh, const T* x, const T* dy, const T* y, const Coefficients<T>& co,
                T* dx, T* dz) {
@@ -900,7 +910,8 @@ void Statistics(const Shape& sh, const T* x, std::vector<double>* mean, std::vec
   const double m = static_cast<double>(sh.values());
   mean->resize(sh.stats());
   var->resize(sh.stats());
-  for (int64_t i = 0; i < sh.stats(); ++i) Moments(shift[i], sum[i], square_sum[i], m, &(*mean)[i], &(*var)[i]);
+  for (int64_t i = 0; i < sh.stats(); ++i)
+    Moments(shift[i], sum[i], square_sum[i], m, &(*mean)[i], &(*var)[i]);
 }
 
 // y from statistics: y = (x - mean) * gamma / sqrt(var + eps) + beta; inv_std out.

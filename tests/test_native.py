@@ -188,6 +188,22 @@ def test_vmap_batches_the_kernel_without_a_loop_and_never_pools_statistics():
     np.testing.assert_allclose(g[2], _bn(-1)(xs[2], gammas[2], beta)[0], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=lambda d: jnp.dtype(d).name)
+def test_a_features_results_do_not_depend_on_its_position(dtype):
+    """Features last, the kernels run 8 or 16 features per vector and the rest one by one: a
+    feature moved from a vector's lanes to the tail gets the same bits (37 rows: a row tail too)."""
+    x = rand(0, (37, 40), dtype, 3.0, 5.0)
+    perm = np.arange(40)
+    perm[[3, 36]] = perm[[36, 3]]
+    state = jaxbn.init_batch_norm_state(40)
+    f = jax.jit(lambda x: jaxbn.batch_norm(x, jnp.ones(40), jnp.zeros(40), state, train=True,
+                                           momentum=0.0))
+    (y, s), (y_moved, s_moved) = f(x), f(x[:, perm])
+    np.testing.assert_array_equal(np.asarray(y)[:, perm], np.asarray(y_moved))
+    np.testing.assert_array_equal(np.asarray(s.mean)[perm], np.asarray(s_moved.mean))
+    np.testing.assert_array_equal(np.asarray(s.var)[perm], np.asarray(s_moved.var))
+
+
 def test_bitwise_deterministic_across_calls_and_thread_counts(monkeypatch):
     x, gamma, beta = _inputs((65536, 16), -1, jnp.float32, offset=50.0)
     dy = rand(3, x.shape, jnp.float32)
