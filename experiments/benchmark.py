@@ -57,7 +57,7 @@ import numpy as np
 
 import jaxbn
 from experiments import adapters
-from experiments.timing import interleaved_times, native_kernels
+from experiments.timing import calm_openmp, interleaved_times, native_kernels
 from jaxbn import reference
 from jaxbn._layout import layout as layout_of
 
@@ -102,6 +102,11 @@ def _temp_bytes(compiled) -> int | None:
         return int(compiled.memory_analysis().temp_size_in_bytes)
     except Exception:  # not every backend reports it
         return None
+
+
+def _kernel_calls(compiled) -> int:
+    """How many of jaxbn's native kernels the compiled program calls."""
+    return compiled.as_text().count('custom_call_target="jaxbn_')
 
 
 def _compiled(native: bool, run, *args):
@@ -168,11 +173,11 @@ def _torch_fn(x, gamma, beta, dy):
 def bench_batch_norm(shape, layout, dtype, repeats) -> dict:
     key = jax.random.key(0)
     kx, kd, kg = jax.random.split(key, 3)
-    x = (jax.random.normal(kx, shape) * 2 + 1).astype(dtype)
-    dy = jax.random.normal(kd, shape).astype(dtype)
+    x = (jax.random.normal(kx, shape, jnp.float32) * 2 + 1).astype(dtype)
+    dy = jax.random.normal(kd, shape, jnp.float32).astype(dtype)
     lay = _layout(shape, layout)
-    gamma = jax.random.normal(kg, lay.param_shape) * 0.1 + 1
-    beta = jnp.zeros(lay.param_shape)
+    gamma = jax.random.normal(kg, lay.param_shape, jnp.float32) * 0.1 + 1
+    beta = jnp.zeros(lay.param_shape, jnp.float32)
     forwards = {b: _jaxbn_forward(b, lay) for b in ("alt", "graph", "autodiff")}
     with native_kernels(True):
         if jaxbn.native_status()["enabled"]:  # built, and accepted by this jaxlib
@@ -200,7 +205,8 @@ def bench_batch_norm(shape, layout, dtype, repeats) -> dict:
     temp = {name: _temp_bytes(run) for name, run in runs.items()}
     return {"shape": list(shape), "layout": layout, "dtype": jnp.dtype(dtype).name,
             "x_bytes": int(x.nbytes), "seconds": seconds, "bound_seconds": bound,
-            "residual_bytes": residual, "temp_bytes": temp}
+            "residual_bytes": residual, "temp_bytes": temp,
+            "kernel_calls": {name: _kernel_calls(run) for name, run in runs.items()}}
 
 
 def _torch_forward_fn(x, gamma, beta):
@@ -223,24 +229,27 @@ def _torch_forward_fn(x, gamma, beta):
 
 def bench_forward(shape, layout, dtype, repeats) -> dict:
     """Forward only (train mode, no VJP): native, the jnp alt rule and PyTorch."""
-    x = (jax.random.normal(jax.random.key(0), shape) * 2 + 1).astype(dtype)
+    x = (jax.random.normal(jax.random.key(0), shape, jnp.float32) * 2 + 1).astype(dtype)
     lay = _layout(shape, layout)
-    gamma = jax.random.normal(jax.random.key(1), lay.param_shape) * 0.1 + 1
-    beta = jnp.zeros(lay.param_shape)
-    forward = _jaxbn_forward("alt", lay)
-    fns = {}
+    gamma = jax.random.normal(jax.random.key(1), lay.param_shape, jnp.float32) * 0.1 + 1
+    beta = jnp.zeros(lay.param_shape, jnp.float32)
+    fns, kernel_calls = {}, {}
     for name, native in (("native", True), ("alt", False)):
         if native and not jaxbn.native_status()["enabled"]:
             continue
+        # A function of its own for each: JAX caches a function's trace, and the switch is read
+        # when it is traced, so a shared one would give "alt" the native program again.
+        forward = _jaxbn_forward("alt", lay)
         with native_kernels(native):
             run = jax.jit(forward).lower(x, gamma, beta).compile()
         fns[name] = functools.partial(run, x, gamma, beta)
+        kernel_calls[name] = _kernel_calls(run)
     torch_run = _torch_forward_fn(x, gamma, beta)
     if torch_run is not None:
         fns["torch"] = torch_run
     seconds, _ = _medians_and_best(fns, repeats)
     return {"shape": list(shape), "layout": layout, "dtype": jnp.dtype(dtype).name,
-            "seconds": seconds}
+            "seconds": seconds, "kernel_calls": kernel_calls}
 
 
 SHARDED_SHAPE, QUICK_SHARDED_SHAPE = (8192, 512), (512, 64)
@@ -252,10 +261,10 @@ def sharded_worker(repeats: int, shape=SHARDED_SHAPE) -> dict:
     batch, against the same call on one device, native and jnp (see the module docstring)."""
     from jax.sharding import NamedSharding, PartitionSpec
     assert jax.device_count() == SHARDED_DEVICES, jax.device_count()
-    x = jax.random.normal(jax.random.key(0), shape) * 2 + 1
-    dy = jax.random.normal(jax.random.key(1), shape)
+    x = jax.random.normal(jax.random.key(0), shape, jnp.float32) * 2 + 1
+    dy = jax.random.normal(jax.random.key(1), shape, jnp.float32)
     lay = _layout(shape, "NC")
-    gamma, beta = jnp.ones(lay.param_shape), jnp.zeros(lay.param_shape)
+    gamma, beta = jnp.ones(lay.param_shape, jnp.float32), jnp.zeros(lay.param_shape, jnp.float32)
     mesh = jax.make_mesh((SHARDED_DEVICES,), ("data",),
                          axis_types=(jax.sharding.AxisType.Auto,))
     split = NamedSharding(mesh, PartitionSpec("data"))
@@ -303,8 +312,8 @@ def _dropout_regenerate_forward(key, rate):
 
 
 def bench_dropout(shape, repeats) -> dict:
-    x = jax.random.normal(jax.random.key(1), shape)
-    dy = jax.random.normal(jax.random.key(2), shape)
+    x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
+    dy = jax.random.normal(jax.random.key(2), shape, jnp.float32)
     key = jax.random.key(3)
     forwards = {
         "jaxbn (packed mask)": lambda x: jaxbn.dropout(key, x, rate=0.5, train=True),
@@ -444,6 +453,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--sharded", action="store_true",
                         help="only the sharded row (8 simulated devices, in a subprocess)")
     parser.add_argument("--sharded-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--torch-default-spin", action="store_true",
+                        help="leave PyTorch's OpenMP workers spinning 300000 iterations after "
+                             "each call (its default) instead of 30000")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                       "results"))
     args = parser.parse_args(argv)
@@ -456,6 +468,7 @@ def main(argv=None) -> dict:
         result = {"sharded": bench_sharded(repeats, args.quick)}
         print_forward_and_sharded(result)
         return result
+    torch_openmp = calm_openmp(args.torch_default_spin)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     bn_rows = [bench_batch_norm(s, layout, jnp.float32, repeats) for s, layout in shapes]
     if not args.quick:
@@ -472,7 +485,8 @@ def main(argv=None) -> dict:
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s), "
                          f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
               "command": "python -m experiments.benchmark" + (" --quick" if args.quick else ""),
-              "jax": jax.__version__, "batch_norm": bn_rows, "dropout": dropout_rows,
+              "jax": jax.__version__, "torch_openmp": torch_openmp, "batch_norm": bn_rows,
+              "dropout": dropout_rows,
               "adapters": adapter_rows, "forward": forward_rows, "sharded": sharded,
               "summary": {**summarize(bn_rows), **summarize_forward(forward_rows)},
               "missing": missing}

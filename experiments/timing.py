@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +45,30 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], *, repeats: int = 20,
             times[name].append(time.perf_counter() - t0)
         rounds += 1
     return times
+
+
+# PyTorch's OpenMP runtime (libgomp) keeps each worker spinning for GOMP_SPINCOUNT=300000
+# iterations after a parallel region: 10-30 ms on the 2-core reference machine, so in an
+# interleaved round it spins on a core through the next candidates' calls (jaxbn's two-thread
+# bfloat16 forward right after PyTorch's took 1.38 ms against 1.01 ms back to back). 30000 keeps
+# the workers spinning between the parallel regions of one PyTorch call but not into the next
+# library's (PyTorch's own forward alone: 0.81 ms against 0.85 ms with the default).
+TORCH_SPINCOUNT = "30000"
+
+
+def calm_openmp(default_spin: bool = False) -> str:
+    """Sets ``GOMP_SPINCOUNT`` for PyTorch's OpenMP workers before PyTorch is imported; returns
+    what its workers do, for the results. An ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` already in
+    the environment is kept, and so is PyTorch's default with ``default_spin``."""
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        if name in os.environ:
+            return f"{name}={os.environ[name]} (from the environment)"
+    if default_spin:
+        return "PyTorch's default (GOMP_SPINCOUNT=300000)"
+    if "torch" in sys.modules:  # libgomp read its environment when PyTorch was imported
+        return "PyTorch's default (it was imported before the benchmark)"
+    os.environ["GOMP_SPINCOUNT"] = TORCH_SPINCOUNT
+    return f"GOMP_SPINCOUNT={TORCH_SPINCOUNT}"
 
 
 @contextlib.contextmanager

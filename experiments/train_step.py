@@ -352,6 +352,9 @@ def main(argv=None) -> dict[str, Any]:
                                                       "results"))
     args = parser.parse_args(argv)
     from experiments.benchmark import bench_dropout  # one dropout benchmark, shared
+    from experiments.timing import calm_openmp
+
+    torch_openmp = calm_openmp()
 
     repeats = args.repeats or (3 if args.quick else 30)
     nets = (QUICK_MLP, QUICK_CONV) if args.quick else (MLP, CONV)
@@ -362,7 +365,8 @@ def main(argv=None) -> dict[str, Any]:
     result = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "machine": platform.machine(), "cpus": os.cpu_count(), "jax": jax.__version__,
               "native": jaxbn.native_status(), "quick": args.quick, "repeats": repeats,
-              "load_before": load_before, "load_after": _load(), "nets": rows,
+              "torch_openmp": torch_openmp, "load_before": load_before, "load_after": _load(),
+              "nets": rows,
               "dropout": dropout}
     print(format_table(result))
     os.makedirs(args.out, exist_ok=True)

@@ -30,14 +30,22 @@
 // float16 compute in float32, far below their own rounding.
 //
 // Determinism. The work is cut into blocks of rows fixed by the shape alone; each block writes
-// its own partial sums and the partials are added in block order. Threads take static ranges of
-// blocks, so the bits are the same for every call and every thread count. Threads are plain
-// std::threads joined at the end of each pass: nothing spins between calls.
+// its own partial sums and the partials are added in block order. A pass cuts its blocks into
+// static ranges (by the thread count alone), whichever thread runs each, so the bits are the same
+// for every call and every thread count. The ranges run on the calling thread and on XLA's own
+// intra-op thread pool, the one its CPU code runs on: warm after XLA's work, and nothing of ours
+// spins between calls (a std::thread started per pass, the fallback where XLA gives no pool,
+// cost 17 us to start and join here, 65 us at the 90th percentile).
 
 #include <Python.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <type_traits>
 #include <cmath>
@@ -52,7 +60,7 @@
 
 #include "xla/ffi/api/ffi.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #ifdef __linux__
@@ -64,9 +72,9 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kBlockValues = 512;  // values per feature per block of the sums
-// Below this many values per thread a call runs on the calling thread: starting and joining a
-// std::thread costs 0.1-1 ms on a loaded machine, more than streaming 2 MB (measured: tiny and
-// vmapped calls 3-5x faster, 4M-value calls unchanged; experiments/README.md).
+// Below this many values per thread a call runs on the calling thread: handing work to another
+// thread cost more than streaming 2 MB when threads were started per pass (0.1-1 ms on a loaded
+// machine; tiny and vmapped calls 3-5x faster, 4M-value calls unchanged; experiments/README.md).
 constexpr int64_t kMinValuesPerThread = 1 << 19;
 // Channels per work item of the sums: rows of up to 1024 features are read whole, contiguously
 // (at (4096, 1024) the sums take 0.8x the time they take in chunks of 512); the four float64
@@ -136,6 +144,30 @@ typedef uint16_t Halves __attribute__((vector_size(16)));
 typedef uint32_t Words __attribute__((vector_size(32)));
 typedef _Float16 Float16s __attribute__((vector_size(16)));
 
+// AVX2 without AVX-512: a 64-byte vector is two 32-byte registers, and the bfloat16 loads and
+// stores take them half by half in intrinsics. GCC 12 compared the generic vectors' lanes one by
+// one in scalar code, and moved halves through the stack: on a 2-core AMD EPYC the bfloat16
+// forward took 2.2x as long at (4096, 1024) that way, the NCHW one 2.4x.
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// Eight bfloat16 values widened to float32 (a bfloat16 is the high half of a float32).
+inline __m256 WidenBf16(const BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+// Store<BFloat16>'s rounding on eight float32 bit patterns, as 32-bit lanes below 2^16. The NaN
+// test compares signed: the magnitude is below 2^31.
+inline __m256i RoundBf16(__m256i u) {
+  const __m256i high = _mm256_srli_epi32(u, 16);
+  const __m256i odd = _mm256_and_si256(high, _mm256_set1_epi32(1));
+  const __m256i rounded =
+      _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd), 16);
+  const __m256i quiet_nan = _mm256_or_si256(high, _mm256_set1_epi32(0x40));
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                         _mm256_set1_epi32(0x7f800000));
+  return _mm256_blendv_epi8(rounded, quiet_nan, nan);
+}
+#endif
+
 inline Lanes Load8(const double* p) {
   Lanes v;
   std::memcpy(&v, p, sizeof v);
@@ -151,12 +183,16 @@ inline Lanes Load8(const float* p) {
 #endif
 }
 inline Lanes Load8(const BFloat16* p) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  return __builtin_convertvector((Floats)WidenBf16(p), Lanes);
+#else
   Halves h;
   std::memcpy(&h, p, sizeof h);
   const Words w = __builtin_convertvector(h, Words) << 16;
   Floats f;
   std::memcpy(&f, &w, sizeof f);
   return __builtin_convertvector(f, Lanes);
+#endif
 }
 inline Lanes Load8(const _Float16* p) {
   Float16s h;
@@ -167,12 +203,26 @@ inline Lanes Load8(const _Float16* p) {
 typedef float Floats16 __attribute__((vector_size(64)));
 typedef uint16_t Halves16 __attribute__((vector_size(32)));
 typedef uint32_t Words16 __attribute__((vector_size(64)));
+typedef int32_t Ints16 __attribute__((vector_size(64)));
 typedef _Float16 Float16s16 __attribute__((vector_size(32)));
+#if defined(__AVX2__) && !defined(__AVX512F__)
+inline __m256 Half16(Floats16 v, int which) {
+  return which ? (__m256)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)
+               : (__m256)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+}
+inline Floats16 Join16(__m256 low, __m256 high) {
+  return __builtin_shufflevector((Floats)low, (Floats)high, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                 12, 13, 14, 15);
+}
+#endif
+
 
 inline Floats16 Load16(const BFloat16* p) {
 #if defined(__AVX512F__)
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return reinterpret_cast<Floats16>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#elif defined(__AVX2__)
+  return Join16(WidenBf16(p), WidenBf16(p + 8));
 #else
   Halves16 h;
   std::memcpy(&h, p, sizeof h);
@@ -192,6 +242,17 @@ inline void Widen(Floats16 v, Lanes* low, Lanes* high) {
   const __m512 m = reinterpret_cast<__m512>(v);
   *low += reinterpret_cast<Lanes>(_mm512_cvtps_pd(_mm512_castps512_ps256(m)));
   *high += reinterpret_cast<Lanes>(_mm512_cvtps_pd(_mm512_extractf32x8_ps(m, 1)));
+#elif defined(__AVX2__)
+  // Each float64 accumulator's halves loaded and stored whole: assembling a 64-byte vector from
+  // 16-byte conversions went through the stack and stalled.
+  const __m256 halves[2] = {Half16(v, 0), Half16(v, 1)};
+  double* const acc[2] = {reinterpret_cast<double*>(low), reinterpret_cast<double*>(high)};
+  for (int i = 0; i < 2; ++i) {
+    const __m256d first = _mm256_cvtps_pd(_mm256_castps256_ps128(halves[i]));
+    const __m256d second = _mm256_cvtps_pd(_mm256_extractf128_ps(halves[i], 1));
+    _mm256_storeu_pd(acc[i], _mm256_add_pd(_mm256_loadu_pd(acc[i]), first));
+    _mm256_storeu_pd(acc[i] + 4, _mm256_add_pd(_mm256_loadu_pd(acc[i] + 4), second));
+  }
 #else
   Floats a, b;
   std::memcpy(&a, &v, sizeof a);
@@ -220,12 +281,21 @@ inline void Store16(BFloat16* p, Floats16 v) {
     std::memcpy(p, &h, sizeof h);
     return;
   }
+#elif defined(__AVX2__)
+  // packus keeps the lanes (all below 2^16) and interleaves the halves' 128-bit blocks; the
+  // permutation puts them back in order.
+  const __m256i low = RoundBf16(_mm256_castps_si256(Half16(v, 0))), high = RoundBf16(_mm256_castps_si256(Half16(v, 1)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm256_permute4x64_epi64(_mm256_packus_epi32(low, high), 0xd8));
+  return;
 #endif
   Words16 u;
   std::memcpy(&u, &v, sizeof u);
   const Words16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const Words16 quiet_nan = (u >> 16) | 0x40u;
-  const Words16 nan = (Words16)((u & 0x7fffffffu) > 0x7f800000u);
+  // A signed comparison (the magnitude is below 2^31): AVX2 has no unsigned one, and GCC then
+  // compares lane by lane in scalar code (the normalizing pass took 2.4x as long that way).
+  const Words16 nan = (Words16)((Ints16)(u & 0x7fffffffu) > 0x7f800000);
   const Halves16 h = __builtin_convertvector((quiet_nan & nan) | (rounded & ~nan), Halves16);
   std::memcpy(p, &h, sizeof h);
 }
@@ -368,7 +438,52 @@ int NumThreads() {
   return std::max(1, n);
 }
 
-// Runs body(first, last) over [0, items) cut into static contiguous ranges, one per thread.
+// XLA's intra-op thread pool of the running handler (set by PoolScope), or none.
+thread_local ffi::ThreadPool* current_pool = nullptr;
+
+struct PoolScope {
+  explicit PoolScope(ffi::ThreadPool& pool) : saved(current_pool) {
+    if (pool.num_threads() > 0) current_pool = &pool;  // 0: XLA gave this call no pool
+  }
+  ~PoolScope() { current_pool = saved; }
+  ffi::ThreadPool* saved;
+};
+
+// Runs run(0), ..., run(ranges - 1), each once, on the calling thread and on XLA's pool. The
+// caller claims ranges too and waits only for ranges some thread has claimed, so it never waits
+// on a task still queued behind busy pool threads; a task that starts after all ranges are claimed
+// returns without touching run (the shared counters outlive the call). An exception (only
+// allocation can throw) terminates, as it did on a std::thread, never leaving ranges running.
+void RunRanges(int ranges, const std::function<void(int)>& run) noexcept {
+  struct Claims {
+    std::atomic<int> next{0}, done{0};
+    std::mutex mutex;
+    std::condition_variable all_done;
+  };
+  auto claims = std::make_shared<Claims>();
+  auto work = [claims, ranges, &run]() noexcept {
+    for (int r; (r = claims->next.fetch_add(1)) < ranges;) {
+      run(r);
+      if (claims->done.fetch_add(1) + 1 == ranges) {
+        std::lock_guard<std::mutex> lock(claims->mutex);
+        claims->all_done.notify_all();
+      }
+    }
+  };
+  if (current_pool != nullptr) {
+    for (int t = 1; t < ranges; ++t) current_pool->Schedule([work] { work(); });
+    work();
+  } else {
+    std::vector<std::thread> pool;
+    for (int t = 1; t < ranges; ++t) pool.emplace_back(work);
+    work();
+    for (auto& thread : pool) thread.join();
+  }
+  std::unique_lock<std::mutex> lock(claims->mutex);
+  claims->all_done.wait(lock, [&] { return claims->done.load() == ranges; });
+}
+
+// Runs body(first, last) over [0, items) cut into static contiguous ranges, one per thread used.
 template <class Body>
 void ParallelFor(int64_t items, int64_t values_per_item, Body body) {
   int64_t by_work = std::max<int64_t>(1, items * values_per_item / kMinValuesPerThread);
@@ -377,13 +492,7 @@ void ParallelFor(int64_t items, int64_t values_per_item, Body body) {
     body(int64_t{0}, items);
     return;
   }
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  for (int t = 1; t < threads; ++t) {
-    pool.emplace_back(body, items * t / threads, items * (t + 1) / threads);
-  }
-  body(int64_t{0}, items / threads);
-  for (auto& thread : pool) thread.join();
+  RunRanges(threads, [&](int t) { body(items * t / threads, items * (t + 1) / threads); });
 }
 
 // N per-(b, c) sums over all rows, in float64. A work item is one block of rows of one chunk of
@@ -1068,7 +1177,8 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer gamma, ffi::AnyBuffer be
                        std::optional<ffi::AnyBuffer> residual, ffi::Result<ffi::AnyBuffer> y,
                        ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> var,
                        ffi::Result<ffi::AnyBuffer> inv_std, int64_t axis, int64_t batch_dims,
-                       double eps, bool relu) {
+                       double eps, bool relu, ffi::ThreadPool pool) {
+  PoolScope scope(pool);
   Shape sh;
   int64_t stride, beta_stride;
   if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !ParamStride(sh, gamma, &stride) ||
@@ -1090,7 +1200,9 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer gamma, ffi::AnyBuffer be
 }
 
 ffi::Error StatsImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> mean,
-                     ffi::Result<ffi::AnyBuffer> var, int64_t axis, int64_t batch_dims) {
+                     ffi::Result<ffi::AnyBuffer> var, int64_t axis, int64_t batch_dims,
+                     ffi::ThreadPool pool) {
+  PoolScope scope(pool);
   Shape sh;
   if (!ToShape(x.dimensions(), batch_dims, axis, &sh)) return ShapeError("stats");
   return ByDtype(x.element_type(), [&](auto t, auto f) {
@@ -1107,7 +1219,8 @@ ffi::Error NormalizeImpl(ffi::AnyBuffer x, ffi::AnyBuffer mean, ffi::AnyBuffer v
                          ffi::AnyBuffer gamma, ffi::AnyBuffer beta,
                          std::optional<ffi::AnyBuffer> residual, ffi::Result<ffi::AnyBuffer> y,
                          ffi::Result<ffi::AnyBuffer> inv_std, int64_t axis, int64_t batch_dims,
-                         double eps, bool relu) {
+                         double eps, bool relu, ffi::ThreadPool pool) {
+  PoolScope scope(pool);
   Shape sh;
   int64_t stride, beta_stride;
   if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !PerStatistic(sh, {&mean, &var}) ||
@@ -1130,7 +1243,8 @@ ffi::Error BackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer gamm
                         std::optional<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> dx,
                         ffi::Result<ffi::AnyBuffer> dgamma, ffi::Result<ffi::AnyBuffer> dbeta,
                         std::optional<ffi::Result<ffi::AnyBuffer>> dz, int64_t axis,
-                        int64_t batch_dims, double eps) {
+                        int64_t batch_dims, double eps, ffi::ThreadPool pool) {
+  PoolScope scope(pool);
   Shape sh;
   int64_t stride;
   if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !ParamStride(sh, gamma, &stride) ||
@@ -1154,7 +1268,8 @@ ffi::Error BackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer gamm
 
 ffi::Error GradSumsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer mean,
                         ffi::Result<ffi::AnyBuffer> sum_dy, ffi::Result<ffi::AnyBuffer> sum_dy_xmu,
-                        int64_t axis, int64_t batch_dims) {
+                        int64_t axis, int64_t batch_dims, ffi::ThreadPool pool) {
+  PoolScope scope(pool);
   Shape sh;
   if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !PerStatistic(sh, {&mean})) return ShapeError("grad_sums");
   return ByDtype(x.element_type(), [&](auto t, auto f) {
@@ -1170,7 +1285,8 @@ ffi::Error GradSumsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer mean
 ffi::Error GradInputImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer mean,
                          ffi::AnyBuffer inv_std, ffi::AnyBuffer gamma, ffi::AnyBuffer sum_dy,
                          ffi::AnyBuffer sum_dy_xmu, ffi::Result<ffi::AnyBuffer> dx,
-                         int64_t axis, int64_t batch_dims, double count) {
+                         int64_t axis, int64_t batch_dims, double count, ffi::ThreadPool pool) {
+  PoolScope scope(pool);
   Shape sh;
   int64_t stride;
   if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !ParamStride(sh, gamma, &stride) ||
@@ -1205,7 +1321,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormForward, ForwardImpl,
                                   .Attr<int64_t>("axis")
                                   .Attr<int64_t>("batch_dims")
                                   .Attr<double>("eps")
-                                  .Attr<bool>("relu"));
+                                  .Attr<bool>("relu")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormStats, StatsImpl,
                               ffi::Ffi::Bind()
@@ -1213,7 +1330,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormStats, StatsImpl,
                                   .Ret<Buffer>()  // mean
                                   .Ret<Buffer>()  // var
                                   .Attr<int64_t>("axis")
-                                  .Attr<int64_t>("batch_dims"));
+                                  .Attr<int64_t>("batch_dims")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormNormalize, NormalizeImpl,
                               ffi::Ffi::Bind()
@@ -1228,7 +1346,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormNormalize, NormalizeImpl,
                                   .Attr<int64_t>("axis")
                                   .Attr<int64_t>("batch_dims")
                                   .Attr<double>("eps")
-                                  .Attr<bool>("relu"));
+                                  .Attr<bool>("relu")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormBackward, BackwardImpl,
                               ffi::Ffi::Bind()
@@ -1242,7 +1361,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormBackward, BackwardImpl,
                                   .OptionalRet<Buffer>()  // dz = dy * [y > 0] (the residual's)
                                   .Attr<int64_t>("axis")
                                   .Attr<int64_t>("batch_dims")
-                                  .Attr<double>("eps"));
+                                  .Attr<double>("eps")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormGradSums, GradSumsImpl,
                               ffi::Ffi::Bind()
@@ -1252,7 +1372,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormGradSums, GradSumsImpl,
                                   .Ret<Buffer>()  // sum_dy
                                   .Ret<Buffer>()  // sum_dy_xmu
                                   .Attr<int64_t>("axis")
-                                  .Attr<int64_t>("batch_dims"));
+                                  .Attr<int64_t>("batch_dims")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormGradInput, GradInputImpl,
                               ffi::Ffi::Bind()
@@ -1266,7 +1387,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormGradInput, GradInputImpl,
                                   .Ret<Buffer>()  // dx
                                   .Attr<int64_t>("axis")
                                   .Attr<int64_t>("batch_dims")
-                                  .Attr<double>("count"));  // values per statistic, global
+                                  .Attr<double>("count")  // values per statistic, global
+                                  .Ctx<ffi::ThreadPool>());
 
 // The Python module: targets() -> {name: PyCapsule of the handler}, for
 // jax.ffi.register_ffi_target(name, capsule, platform="cpu").

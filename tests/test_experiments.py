@@ -131,6 +131,11 @@ def test_benchmark_quick_writes_a_table_and_json(tmp_path, capsys):
         # The hand-written rule keeps one input-sized array plus per-feature vectors.
         assert row["residual_bytes"]["alt"] <= 1.05 * row["x_bytes"]
         assert row["residual_bytes"]["native"] <= 1.05 * row["x_bytes"]
+    # Each candidate runs what it is named for: only "native" calls the kernels.
+    for row in saved["batch_norm"] + saved["forward"]:
+        calls = row["kernel_calls"]
+        assert calls.pop("native") >= 1, row
+        assert not any(calls.values()), row
     # The sharded row: x split over 8 devices, never gathered, on either rule.
     assert len(saved["sharded"]["seconds"]) == 4
     assert not any(saved["sharded"]["all_gathers"].values()), saved["sharded"]

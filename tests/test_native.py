@@ -7,6 +7,7 @@ The extension must be built here (``pip install -e .`` builds it wherever a C++ 
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import socket
 import subprocess
@@ -214,9 +215,29 @@ def test_bitwise_deterministic_across_calls_and_thread_counts(monkeypatch):
         return y, pullback(dy)
 
     first = jax.tree.leaves(step(x, dy))
-    for threads in ("2", "1", "2"):
+    for threads in ("2", "1", "8", "3"):  # more ranges than cores: some queue on XLA's pool
         monkeypatch.setenv("JAXBN_NUM_THREADS", threads)
         for a, b in zip(jax.tree.leaves(step(x, dy)), first):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_concurrent_calls_share_the_thread_pool_and_keep_their_bits(monkeypatch):
+    """Calls from several Python threads at once hand their ranges to the same XLA pool."""
+    monkeypatch.setenv("JAXBN_NUM_THREADS", "4")
+    x, gamma, beta = _inputs((32768, 48), -1, jnp.float32, offset=50.0)
+    dys = [rand(10 + i, x.shape, jnp.float32) for i in range(6)]
+
+    @jax.jit
+    def step(x, dy):
+        y, pullback = jax.vjp(lambda x, g, b: _bn(-1)(x, g, b)[0], x, gamma, beta)
+        return y, pullback(dy)
+
+    alone = [jax.tree.leaves(jax.block_until_ready(step(x, dy))) for dy in dys]
+    with concurrent.futures.ThreadPoolExecutor(len(dys)) as pool:
+        together = list(pool.map(lambda dy: jax.tree.leaves(jax.block_until_ready(step(x, dy))),
+                                 dys * 3))
+    for i, leaves in enumerate(together):
+        for a, b in zip(leaves, alone[i % len(dys)]):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

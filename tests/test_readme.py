@@ -1,5 +1,7 @@
 """Every Python snippet in README.md runs as written (each in a fresh interpreter, in a temporary
-directory), so the README cannot drift from the library."""
+directory), so the README cannot drift from the library. The snippets run with the slow tests
+(``python -m pytest -m slow``, which ``.ci/run`` runs after the test command): a fresh interpreter
+costs 2-3 s of JAX's import before a snippet starts, half of their time."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ def test_readme_has_snippets():
     assert len(SNIPPETS) >= 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
 def test_readme_snippet_runs(index, tmp_path):
     code = SNIPPETS[index]

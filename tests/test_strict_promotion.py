@@ -172,7 +172,10 @@ def _keeps_dtype(name: str, dtype) -> bool:
                              "equinox")) or name.endswith(f"dtype={jnp.dtype(dtype).name}"))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=[jnp.dtype(d).name for d in DTYPES])
+# float32 runs in the test command; the other dtypes (the same functions again) with the slow tests.
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(d, marks=() if d == jnp.float32 else pytest.mark.slow) for d in DTYPES],
+    ids=[jnp.dtype(d).name for d in DTYPES])
 def test_every_public_function_runs_under_strict_promotion(dtype):
     traced = {**_core(dtype), **_nets(dtype), **_adapters(dtype)}
     eager = _host(dtype)
