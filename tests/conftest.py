@@ -24,8 +24,11 @@ if not os.environ.get("JAXBN_TEST_FULL_OPT"):
 # subprocesses tests start share a persistent cache in a directory of this run alone (the
 # controller creates it; the workers and subprocesses inherit it through the environment).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ and not os.environ.get("JAXBN_TEST_NO_CACHE"):
+    import atexit
+    import shutil
     import tempfile
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxbn-test-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
