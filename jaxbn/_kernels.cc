@@ -138,8 +138,48 @@ constexpr bool kAvx512 = true;
 #else
 constexpr bool kAvx512 = false;
 #endif
-typedef double Lanes __attribute__((vector_size(64)));
 typedef float Floats __attribute__((vector_size(32)));
+typedef double Lanes4 __attribute__((vector_size(32)));
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// AVX2 has no 64-byte registers, and GCC 12 keeps a 64-byte generic vector in memory, moving its
+// lanes through general registers for every operation (most of an NCHW float32 pass's time in a
+// perf profile). Here the eight float64 / sixteen float32 lanes are two 32-byte vectors, the
+// same arithmetic lane by lane.
+template <class H>
+struct Pair {
+  H lo, hi;
+  auto operator[](int i) const {
+    constexpr int kHalf = sizeof(H) / sizeof(lo[0]);
+    return i < kHalf ? lo[i] : hi[i - kHalf];
+  }
+};
+template <class H>
+inline Pair<H> operator+(Pair<H> a, Pair<H> b) { return {a.lo + b.lo, a.hi + b.hi}; }
+template <class H>
+inline Pair<H> operator-(Pair<H> a, Pair<H> b) { return {a.lo - b.lo, a.hi - b.hi}; }
+template <class H>
+inline Pair<H> operator*(Pair<H> a, Pair<H> b) { return {a.lo * b.lo, a.hi * b.hi}; }
+template <class H, class S, class = std::enable_if_t<std::is_floating_point<S>::value>>
+inline Pair<H> operator+(Pair<H> a, S b) { return {a.lo + b, a.hi + b}; }
+template <class H, class S, class = std::enable_if_t<std::is_floating_point<S>::value>>
+inline Pair<H> operator-(Pair<H> a, S b) { return {a.lo - b, a.hi - b}; }
+template <class H, class S, class = std::enable_if_t<std::is_floating_point<S>::value>>
+inline Pair<H> operator*(Pair<H> a, S b) { return {a.lo * b, a.hi * b}; }
+template <class H, class S, class = std::enable_if_t<std::is_floating_point<S>::value>>
+inline Pair<H> operator*(S a, Pair<H> b) { return {a * b.lo, a * b.hi}; }
+template <class H>
+inline Pair<H>& operator+=(Pair<H>& a, Pair<H> b) {
+  a.lo += b.lo;
+  a.hi += b.hi;
+  return a;
+}
+using Lanes = Pair<Lanes4>;
+using Floats16 = Pair<Floats>;
+#define JAXBN_PAIRS 1
+#else
+typedef double Lanes __attribute__((vector_size(64)));
+typedef float Floats16 __attribute__((vector_size(64)));
+#endif
 typedef uint16_t Halves __attribute__((vector_size(16)));
 typedef uint32_t Words __attribute__((vector_size(32)));
 typedef _Float16 Float16s __attribute__((vector_size(16)));
@@ -168,6 +208,62 @@ inline __m256i RoundBf16(__m256i u) {
 }
 #endif
 
+typedef uint16_t Halves16 __attribute__((vector_size(32)));
+typedef uint32_t Words16 __attribute__((vector_size(64)));
+typedef int32_t Ints16 __attribute__((vector_size(64)));
+typedef _Float16 Float16s16 __attribute__((vector_size(32)));
+#ifdef JAXBN_PAIRS
+// The same loads, stores and conversions on the two halves, in AVX2 intrinsics (a memcpy into
+// the pair was copied through the stack 16 bytes at a time and stalled the loads after it).
+inline Lanes Widen8(Floats f) {
+  const __m256 m = (__m256)f;
+  return {(Lanes4)_mm256_cvtps_pd(_mm256_castps256_ps128(m)),
+          (Lanes4)_mm256_cvtps_pd(_mm256_extractf128_ps(m, 1))};
+}
+inline Lanes Load8(const double* p) {
+  return {(Lanes4)_mm256_loadu_pd(p), (Lanes4)_mm256_loadu_pd(p + 4)};
+}
+inline Lanes Load8(const float* p) { return Widen8((Floats)_mm256_loadu_ps(p)); }
+inline Lanes Load8(const BFloat16* p) { return Widen8((Floats)WidenBf16(p)); }
+inline Lanes Load8(const _Float16* p) {
+  Float16s h;
+  std::memcpy(&h, p, sizeof h);
+  return Widen8(__builtin_convertvector(h, Floats));
+}
+inline Floats16 Load16(const float* p) {
+  return {(Floats)_mm256_loadu_ps(p), (Floats)_mm256_loadu_ps(p + 8)};
+}
+inline Floats16 Load16(const BFloat16* p) {
+  return {(Floats)WidenBf16(p), (Floats)WidenBf16(p + 8)};
+}
+inline Floats16 Load16(const _Float16* p) {
+  Float16s low, high;
+  std::memcpy(&low, p, sizeof low);
+  std::memcpy(&high, p + 8, sizeof high);
+  return {__builtin_convertvector(low, Floats), __builtin_convertvector(high, Floats)};
+}
+inline void Widen(Floats16 v, Lanes* low, Lanes* high) {
+  *low += Widen8(v.lo);
+  *high += Widen8(v.hi);
+}
+inline void Store16(BFloat16* p, Floats16 v) {
+  // packus keeps the lanes (all below 2^16) and interleaves the halves' 128-bit blocks; the
+  // permutation puts them back in order.
+  const __m256i low = RoundBf16((__m256i)v.lo), high = RoundBf16((__m256i)v.hi);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm256_permute4x64_epi64(_mm256_packus_epi32(low, high), 0xd8));
+}
+inline void Store16(_Float16* p, Floats16 v) {
+  const Float16s low = __builtin_convertvector(v.lo, Float16s);
+  const Float16s high = __builtin_convertvector(v.hi, Float16s);
+  std::memcpy(p, &low, sizeof low);
+  std::memcpy(p + 8, &high, sizeof high);
+}
+inline void Store8(float* p, Lanes v) {
+  _mm_storeu_ps(p, _mm256_cvtpd_ps((__m256d)v.lo));
+  _mm_storeu_ps(p + 4, _mm256_cvtpd_ps((__m256d)v.hi));
+}
+#else
 inline Lanes Load8(const double* p) {
   Lanes v;
   std::memcpy(&v, p, sizeof v);
@@ -183,16 +279,12 @@ inline Lanes Load8(const float* p) {
 #endif
 }
 inline Lanes Load8(const BFloat16* p) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
-  return __builtin_convertvector((Floats)WidenBf16(p), Lanes);
-#else
   Halves h;
   std::memcpy(&h, p, sizeof h);
   const Words w = __builtin_convertvector(h, Words) << 16;
   Floats f;
   std::memcpy(&f, &w, sizeof f);
   return __builtin_convertvector(f, Lanes);
-#endif
 }
 inline Lanes Load8(const _Float16* p) {
   Float16s h;
@@ -200,29 +292,12 @@ inline Lanes Load8(const _Float16* p) {
   return __builtin_convertvector(__builtin_convertvector(h, Floats), Lanes);
 }
 // Sixteen bfloat16/float16 values as float32 lanes, and a float32 vector added into two float64 ones.
-typedef float Floats16 __attribute__((vector_size(64)));
-typedef uint16_t Halves16 __attribute__((vector_size(32)));
-typedef uint32_t Words16 __attribute__((vector_size(64)));
-typedef int32_t Ints16 __attribute__((vector_size(64)));
-typedef _Float16 Float16s16 __attribute__((vector_size(32)));
-#if defined(__AVX2__) && !defined(__AVX512F__)
-inline __m256 Half16(Floats16 v, int which) {
-  return which ? (__m256)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)
-               : (__m256)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-}
-inline Floats16 Join16(__m256 low, __m256 high) {
-  return __builtin_shufflevector((Floats)low, (Floats)high, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
-                                 12, 13, 14, 15);
-}
-#endif
 
 
 inline Floats16 Load16(const BFloat16* p) {
 #if defined(__AVX512F__)
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return reinterpret_cast<Floats16>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-#elif defined(__AVX2__)
-  return Join16(WidenBf16(p), WidenBf16(p + 8));
 #else
   Halves16 h;
   std::memcpy(&h, p, sizeof h);
@@ -242,17 +317,6 @@ inline void Widen(Floats16 v, Lanes* low, Lanes* high) {
   const __m512 m = reinterpret_cast<__m512>(v);
   *low += reinterpret_cast<Lanes>(_mm512_cvtps_pd(_mm512_castps512_ps256(m)));
   *high += reinterpret_cast<Lanes>(_mm512_cvtps_pd(_mm512_extractf32x8_ps(m, 1)));
-#elif defined(__AVX2__)
-  // Each float64 accumulator's halves loaded and stored whole: assembling a 64-byte vector from
-  // 16-byte conversions went through the stack and stalled.
-  const __m256 halves[2] = {Half16(v, 0), Half16(v, 1)};
-  double* const acc[2] = {reinterpret_cast<double*>(low), reinterpret_cast<double*>(high)};
-  for (int i = 0; i < 2; ++i) {
-    const __m256d first = _mm256_cvtps_pd(_mm256_castps256_ps128(halves[i]));
-    const __m256d second = _mm256_cvtps_pd(_mm256_extractf128_ps(halves[i], 1));
-    _mm256_storeu_pd(acc[i], _mm256_add_pd(_mm256_loadu_pd(acc[i]), first));
-    _mm256_storeu_pd(acc[i] + 4, _mm256_add_pd(_mm256_loadu_pd(acc[i] + 4), second));
-  }
 #else
   Floats a, b;
   std::memcpy(&a, &v, sizeof a);
@@ -281,20 +345,13 @@ inline void Store16(BFloat16* p, Floats16 v) {
     std::memcpy(p, &h, sizeof h);
     return;
   }
-#elif defined(__AVX2__)
-  // packus keeps the lanes (all below 2^16) and interleaves the halves' 128-bit blocks; the
-  // permutation puts them back in order.
-  const __m256i low = RoundBf16(_mm256_castps_si256(Half16(v, 0))), high = RoundBf16(_mm256_castps_si256(Half16(v, 1)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm256_permute4x64_epi64(_mm256_packus_epi32(low, high), 0xd8));
-  return;
 #endif
   Words16 u;
   std::memcpy(&u, &v, sizeof u);
   const Words16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const Words16 quiet_nan = (u >> 16) | 0x40u;
-  // A signed comparison (the magnitude is below 2^31): AVX2 has no unsigned one, and GCC then
-  // compares lane by lane in scalar code (the normalizing pass took 2.4x as long that way).
+  // A signed comparison (the magnitude is below 2^31): x86 has no unsigned one before AVX-512,
+  // and GCC then compares lane by lane in scalar code.
   const Words16 nan = (Words16)((Ints16)(u & 0x7fffffffu) > 0x7f800000);
   const Halves16 h = __builtin_convertvector((quiet_nan & nan) | (rounded & ~nan), Halves16);
   std::memcpy(p, &h, sizeof h);
@@ -312,6 +369,7 @@ inline void Store8(float* p, Lanes v) {
   std::memcpy(p, &f, sizeof f);
 #endif
 }
+#endif  // JAXBN_PAIRS
 inline double Total(Lanes v) {
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
@@ -342,6 +400,20 @@ inline V Relu(V v) {
   const V zero = {};
   return v < zero ? zero : v;
 }
+// g where y > 0, else 0, lane by lane.
+template <class V>
+inline V WherePositive(V y, V g) {
+  const V zero = {};
+  return y > zero ? g : zero;
+}
+#ifdef JAXBN_PAIRS
+template <class H>
+inline Pair<H> Relu(Pair<H> v) { return {Relu(v.lo), Relu(v.hi)}; }
+template <class H>
+inline Pair<H> WherePositive(Pair<H> y, Pair<H> g) {
+  return {WherePositive(y.lo, g.lo), WherePositive(y.hi, g.hi)};
+}
+#endif
 template <bool kRes, bool kRelu, class F, class T>
 inline F Finish(F z, const T* r, int64_t i) {
   if constexpr (kRes) z += static_cast<F>(Load(r[i]));
@@ -368,14 +440,14 @@ inline auto DzAt(const T* dy, const T* y, int64_t i) {
 }
 template <bool kMask, class T>
 inline Floats16 Dz16(const T* dy, const T* y) {
-  const Floats16 g = Load16(dy), zero = {};
-  if constexpr (kMask) return Load16(y) > zero ? g : zero;
+  const Floats16 g = Load16(dy);
+  if constexpr (kMask) return WherePositive(Load16(y), g);
   else return g;
 }
 template <bool kMask, class T>
 inline Lanes Dz8(const T* dy, const T* y) {
-  const Lanes g = Load8(dy), zero = {};
-  if constexpr (kMask) return Load8(y) > zero ? g : zero;
+  const Lanes g = Load8(dy);
+  if constexpr (kMask) return WherePositive(Load8(y), g);
   else return g;
 }
 
