@@ -416,3 +416,39 @@ def test_fused_native_matches_finite_differences():
     assert "jaxbn_batch_norm_backward" in str(jax.make_jaxpr(
         lambda x: jax.vjp(lambda x: f(x, gamma, beta, r), x)[1](x))(x))
     testing.check_finite_differences(f, x, gamma, beta, r)
+
+
+# (dtype, layout, one batch's shape, fused): each batch's x under 8 MiB, two of them over it, the
+# size from which the kernels write their outputs with streaming stores; odd feature and inner
+# sizes start rows and spans off the vectors' alignment.
+STREAMED = [(F32, -1, (1025, 1025), False), (BF16, -1, (1025, 2049), True),
+            (F32, "NCHW", (9, 117, 33, 31), True), (BF16, "NCHW", (9, 115, 63, 33), False)]
+
+
+@pytest.mark.parametrize("dtype, layout, shape, fused", STREAMED,
+                         ids=[f"{jnp.dtype(d).name}-{lay}-{'fused' if f else 'plain'}"
+                              for d, lay, _, f in STREAMED])
+def test_outputs_streamed_past_the_caches_keep_their_bits(dtype, layout, shape, fused):
+    """A vmapped pair of batches (one call, outputs of 8 MiB and more: streaming stores) against
+    each batch alone (ordinary stores), bit for bit: y, dx and, fused, the residual's gradient."""
+    _, gamma, beta = _inputs(shape, layout, dtype)
+    x = rand(0, (2,) + shape, dtype, 2.0, 3.0)
+    dy, r = rand(3, x.shape, dtype), rand(4, x.shape, dtype, 0.5)
+    state = jaxbn.init_batch_norm_state(gamma.shape[0])
+
+    def vjp(x, dy, r):
+        def f(x, gamma, r):
+            kw = dict(train=True, activation="relu", residual=r) if fused else dict(train=True)
+            if isinstance(layout, str):
+                return jaxbn.spatial_batch_norm(x, gamma, beta, state, layout=layout, **kw)[0]
+            return jaxbn.batch_norm(x, gamma, beta, state, axis=layout, **kw)[0]
+        y, pullback = jax.vjp(f, x, gamma, r)
+        return y, pullback(dy)
+
+    both = jax.jit(jax.vmap(vjp))
+    assert "jaxbn_batch_norm_backward" in str(jax.make_jaxpr(both)(x, dy, r))
+    together = jax.tree.leaves(both(x, dy, r))
+    for i in range(2):
+        alone = jax.tree.leaves(jax.jit(vjp)(x[i], dy[i], r[i]))
+        for a, b in zip(together, alone):
+            np.testing.assert_array_equal(np.asarray(a[i]), np.asarray(b))
