@@ -217,7 +217,7 @@ typedef _Float16 Float16s16 __attribute__((vector_size(32)));
 // with other programs. Streamed stores are ordered only by StoreFence, which ParallelFor calls
 // at the end of every range.
 template <class V>
-inline void Put(void* p, const V& v, bool stream) {
+inline void StoreVector(void* p, const V& v, bool stream) {
   static_assert(sizeof(V) == 16 || sizeof(V) == 32, "a 16- or 32-byte vector");
 #if defined(__AVX2__) || defined(__AVX512F__)
   if (stream && reinterpret_cast<uintptr_t>(p) % sizeof(V) == 0) {
@@ -280,14 +280,15 @@ inline void Store16(BFloat16* p, Floats16 v, bool stream = false) {
   // packus keeps the lanes (all below 2^16) and interleaves the halves' 128-bit blocks; the
   // permutation puts them back in order.
   const __m256i low = RoundBf16((__m256i)v.lo), high = RoundBf16((__m256i)v.hi);
-  Put(p, _mm256_permute4x64_epi64(_mm256_packus_epi32(low, high), 0xd8), stream);
+  StoreVector(p, _mm256_permute4x64_epi64(_mm256_packus_epi32(low, high), 0xd8), stream);
 }
 inline void Store16(_Float16* p, Floats16 v, bool stream = false) {
-  Put(p, __builtin_convertvector(v.lo, Float16s), stream);
-  Put(p + 8, __builtin_convertvector(v.hi, Float16s), stream);
+  StoreVector(p, __builtin_convertvector(v.lo, Float16s), stream);
+  StoreVector(p + 8, __builtin_convertvector(v.hi, Float16s), stream);
 }
 inline void Store8(float* p, Lanes v, bool stream = false) {
-  Put(p, _mm256_set_m128(_mm256_cvtpd_ps((__m256d)v.hi), _mm256_cvtpd_ps((__m256d)v.lo)), stream);
+  const __m128 low = _mm256_cvtpd_ps((__m256d)v.lo), high = _mm256_cvtpd_ps((__m256d)v.hi);
+  StoreVector(p, _mm256_set_m128(high, low), stream);
 }
 #else
 inline Lanes Load8(const double* p) {
@@ -367,7 +368,7 @@ inline void Store16(BFloat16* p, Floats16 v, bool stream = false) {
   const __mmask16 subnormal = _mm512_cmplt_epu32_mask(
       _mm512_sub_epi32(magnitude, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x007fffff));
   if (subnormal == 0) {
-    Put(p, _mm512_cvtneps_pbh(reinterpret_cast<__m512>(v)), stream);
+    StoreVector(p, _mm512_cvtneps_pbh(reinterpret_cast<__m512>(v)), stream);
     return;
   }
 #endif
@@ -378,17 +379,17 @@ inline void Store16(BFloat16* p, Floats16 v, bool stream = false) {
   // A signed comparison (the magnitude is below 2^31): x86 has no unsigned one before AVX-512,
   // and GCC then compares lane by lane in scalar code.
   const Words16 nan = (Words16)((Ints16)(u & 0x7fffffffu) > 0x7f800000);
-  Put(p, __builtin_convertvector((quiet_nan & nan) | (rounded & ~nan), Halves16), stream);
+  StoreVector(p, __builtin_convertvector((quiet_nan & nan) | (rounded & ~nan), Halves16), stream);
 }
 inline void Store16(_Float16* p, Floats16 v, bool stream = false) {
-  Put(p, __builtin_convertvector(v, Float16s16), stream);
+  StoreVector(p, __builtin_convertvector(v, Float16s16), stream);
 }
 // Eight float64 values rounded to float32 and stored.
 inline void Store8(float* p, Lanes v, bool stream = false) {
 #if defined(__AVX512F__)
-  Put(p, _mm512_cvtpd_ps(reinterpret_cast<__m512d>(v)), stream);
+  StoreVector(p, _mm512_cvtpd_ps(reinterpret_cast<__m512d>(v)), stream);
 #else
-  Put(p, __builtin_convertvector(v, Floats), stream);
+  StoreVector(p, __builtin_convertvector(v, Floats), stream);
 #endif
 }
 #endif  // JAXBN_PAIRS
@@ -482,7 +483,6 @@ void Cases(bool a, bool b, Fn fn) {
   else fn(std::false_type{}, std::false_type{});
 }
 
-
 struct Shape {
   int64_t batches, rows, channels, inner;  // B, R, C, S
   int64_t values() const { return rows * inner; }  // per statistic
@@ -492,8 +492,8 @@ struct Shape {
   int64_t row_size() const { return channels * inner; }
 };
 
-// Whether an elementwise pass writes its x-shaped outputs with streaming stores (Put): where
-// one is at least kStreamBytes, larger than most caches' share of one call.
+// Whether an elementwise pass writes its x-shaped outputs with streaming stores (StoreVector):
+// where one is at least kStreamBytes, larger than most caches' share of one call.
 constexpr int64_t kStreamBytes = int64_t{8} << 20;
 template <class T>
 bool Streams(const Shape& sh) {
@@ -1042,7 +1042,8 @@ void Normalize(const Shape& sh, const T* x, const Coefficients<T>& co, const T* 
           for (; c + 16 <= C; c += 16)
             Store16(out + c,
                     Finish16<kRes, kRelu>(
-                        (Load16(in + c) - Load16(mean + c)) * Load16(a + c) + Load16(o + c), rs + c),
+                        (Load16(in + c) - Load16(mean + c)) * Load16(a + c) + Load16(o + c),
+                        rs + c),
                     stream);
         if constexpr (std::is_same<T, float>::value && kAvx512)
           for (; c + 8 <= C; c += 8)
@@ -1062,8 +1063,8 @@ void Normalize(const Shape& sh, const T* x, const Coefficients<T>& co, const T* 
 }
 
 // dx = a * dz + k1 + (x - mean) * k2 over every row, rows in parallel (bfloat16/float16 16 values
-// at a time, as in Normalize), with dz = dy, or with kMask dy masked by the ReLU output y (DzAt),
-// written to dz with kDz.
+// at a time, float32 with AVX-512 8 at a time in float64, as in Normalize), with dz = dy, or with
+// kMask dy masked by the ReLU output y (DzAt), written to dz with kDz.
 template <class T, bool kMask, bool kDz>
 void GradInput(const Shape& sh, const T* x, const T* dy, const T* y, const Coefficients<T>& co,
                T* dx, T* dz, bool stream) {
@@ -1098,7 +1099,8 @@ void GradInput(const Shape& sh, const T* x, const T* dy, const T* y, const Coeff
             const Lanes g = Dz8<kMask>(gr + c, yr + c);
             if constexpr (kDz) Store8(zr + c, g, stream);
             Store8(out + c,
-                   Load8(a + c) * g + Load8(k1 + c) + (Load8(xr + c) - Load8(mean + c)) * Load8(k2 + c),
+                   Load8(a + c) * g + Load8(k1 + c) +
+                       (Load8(xr + c) - Load8(mean + c)) * Load8(k2 + c),
                    stream);
           }
         for (; c < C; ++c) {
