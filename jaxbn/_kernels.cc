@@ -625,6 +625,7 @@ std::array<std::vector<double>, N> Sums(const Shape& sh, Rows rows) {
 // square are exact and a group of four sums with at most one rounding: the float64 totals stay
 // exact to a few float32 roundings per group, and the conversions run at 16 values per vector.
 
+// Wide<G>: explicit vectors of G, for the sums here and the elementwise passes (kExplicit below).
 // StatsRows' S == 1 sums run across channels a vector at a time, explicitly: 16 float32 lanes
 // for bfloat16/float16 data, 8 float64 lanes for float32/float64. With AVX-512 the compiler's
 // own vectorization of the scalar loop converts 4 values at a time and takes 1.2x as long at
@@ -647,6 +648,11 @@ struct Wide<double> {
     Add(sum, d);
     Add(square_sum, d * d);
   }
+  template <bool kMask, class T>
+  static V Dz(const T* dy, const T* y) { return Dz8<kMask>(dy, y); }
+  template <bool kRes, bool kRelu, class T>
+  static V Finish(V z, const T* r) { return Finish8<kRes, kRelu>(z, r); }
+  static void Set(float* p, V v, bool stream) { Store8(p, v, stream); }
 };
 template <>
 struct Wide<float> {
@@ -667,7 +673,22 @@ struct Wide<float> {
     Wide<double>::AddSquares(sum, square_sum, low);
     Wide<double>::AddSquares(sum + 8, square_sum + 8, high);
   }
+  template <bool kMask, class T>
+  static V Dz(const T* dy, const T* y) { return Dz16<kMask>(dy, y); }
+  template <bool kRes, bool kRelu, class T>
+  static V Finish(V z, const T* r) { return Finish16<kRes, kRelu>(z, r); }
+  template <class T>
+  static void Set(T* p, V v, bool stream) { Store16(p, v, stream); }
 };
+
+// Whether T's elementwise passes run in explicit vectors of Wide<E<T>>: bfloat16 and float16 data
+// 16 float32 lanes at a time (the compiler's vectorization of the scalar conversions is several
+// times slower), float32 with AVX-512 8 float64 lanes (the compiler's loop took 1.1x as long at
+// (4096, 1024)); float64 is left to the compiler. Get, Dz, Finish and Set: loads, the masked
+// cotangent, the epilogue and the (streaming, where asked) store, kWidth lanes each.
+template <class T>
+constexpr bool kExplicit =
+    std::is_same<E<T>, float>::value || (std::is_same<T, float>::value && kAvx512);
 
 // StatsRows' S == 1 sums over channels [0, wide), grouped as its scalar loop; returns wide.
 template <class T, class G>
@@ -980,12 +1001,11 @@ void NormalizeSpan(const T* __restrict p, const T* __restrict r, T* __restrict q
                    E<T> mu, E<T> a, E<T> k1, bool stream) {
   using F = E<T>;
   int64_t s = 0;
-  if constexpr (std::is_same<F, float>::value)
-    for (; s + 16 <= S; s += 16)
-      Store16(q + s, Finish16<kRes, kRelu>((Load16(p + s) - mu) * a + k1, r + s), stream);
-  if constexpr (std::is_same<T, float>::value && kAvx512)
-    for (; s + 8 <= S; s += 8)
-      Store8(q + s, Finish8<kRes, kRelu>((Load8(p + s) - mu) * a + k1, r + s), stream);
+  if constexpr (kExplicit<T>) {
+    using W = Wide<F>;
+    for (; s + W::kWidth <= S; s += W::kWidth)
+      W::Set(q + s, W::template Finish<kRes, kRelu>((W::Get(p + s) - mu) * a + k1, r + s), stream);
+  }
   for (; s < S; ++s) q[s] = Store<T, F>(Finish<kRes, kRelu>((Load(p[s]) - mu) * a + k1, r, s));
 }
 
@@ -997,18 +1017,14 @@ void GradSpan(const T* __restrict px, const T* __restrict pg, const T* __restric
               bool stream) {
   using F = E<T>;
   int64_t s = 0;
-  if constexpr (std::is_same<F, float>::value)
-    for (; s + 16 <= S; s += 16) {
-      const Floats16 g = Dz16<kMask>(pg + s, py + s);
-      if constexpr (kDz) Store16(pz + s, g, stream);
-      Store16(q + s, a * g + k1 + (Load16(px + s) - mu) * k2, stream);
+  if constexpr (kExplicit<T>) {
+    using W = Wide<F>;
+    for (; s + W::kWidth <= S; s += W::kWidth) {
+      const typename W::V g = W::template Dz<kMask>(pg + s, py + s);
+      if constexpr (kDz) W::Set(pz + s, g, stream);
+      W::Set(q + s, a * g + k1 + (W::Get(px + s) - mu) * k2, stream);
     }
-  if constexpr (std::is_same<T, float>::value && kAvx512)
-    for (; s + 8 <= S; s += 8) {
-      const Lanes g = Dz8<kMask>(pg + s, py + s);
-      if constexpr (kDz) Store8(pz + s, g, stream);
-      Store8(q + s, a * g + k1 + (Load8(px + s) - mu) * k2, stream);
-    }
+  }
   for (; s < S; ++s) {
     const F g = DzAt<kMask>(pg, py, s);
     if constexpr (kDz) pz[s] = Store<T, F>(g);
@@ -1017,15 +1033,11 @@ void GradSpan(const T* __restrict px, const T* __restrict pg, const T* __restric
 }
 
 // y = (x - mean) * a + k1 over every row, rows in parallel, then the epilogue (Finish: + res with
-// kRes, ReLU with kRelu; res is not read without kRes). bfloat16/float16 run 16 values at a
-// time explicitly (the compiler's vectorization of the scalar conversions is several times
-// slower), and float32 with AVX-512 8 at a time in float64 (the compiler's loop took 1.1x as
-// long at (4096, 1024)); float64 is left to the compiler.
+// kRes, ReLU with kRelu; res is not read without kRes), in explicit vectors where kExplicit<T>.
 template <class T, bool kRes, bool kRelu>
 void Normalize(const Shape& sh, const T* x, const Coefficients<T>& co, const T* res, T* y,
                bool stream) {
   using F = E<T>;
-  constexpr bool wide = std::is_same<F, float>::value;
   const int64_t C = sh.channels, S = sh.inner;
   ParallelFor(sh.batches * sh.rows, C * S, [&](int64_t lo, int64_t hi) {
     for (int64_t item = lo; item < hi; ++item) {
@@ -1038,19 +1050,14 @@ void Normalize(const Shape& sh, const T* x, const Coefficients<T>& co, const T* 
       const F* __restrict o = co.k1.data() + i;
       if (S == 1) {
         int64_t c = 0;
-        if constexpr (wide)
-          for (; c + 16 <= C; c += 16)
-            Store16(out + c,
-                    Finish16<kRes, kRelu>(
-                        (Load16(in + c) - Load16(mean + c)) * Load16(a + c) + Load16(o + c),
-                        rs + c),
-                    stream);
-        if constexpr (std::is_same<T, float>::value && kAvx512)
-          for (; c + 8 <= C; c += 8)
-            Store8(out + c,
-                   Finish8<kRes, kRelu>(
-                       (Load8(in + c) - Load8(mean + c)) * Load8(a + c) + Load8(o + c), rs + c),
+        if constexpr (kExplicit<T>) {
+          using W = Wide<F>;
+          for (; c + W::kWidth <= C; c += W::kWidth)
+            W::Set(out + c,
+                   W::template Finish<kRes, kRelu>(
+                       (W::Get(in + c) - W::Get(mean + c)) * W::Get(a + c) + W::Get(o + c), rs + c),
                    stream);
+        }
         for (; c < C; ++c)
           out[c] = Store<T, F>(Finish<kRes, kRelu>((Load(in[c]) - mean[c]) * a[c] + o[c], rs, c));
         continue;
@@ -1062,14 +1069,12 @@ void Normalize(const Shape& sh, const T* x, const Coefficients<T>& co, const T* 
   });
 }
 
-// dx = a * dz + k1 + (x - mean) * k2 over every row, rows in parallel (bfloat16/float16 16 values
-// at a time, float32 with AVX-512 8 at a time in float64, as in Normalize), with dz = dy, or with
-// kMask dy masked by the ReLU output y (DzAt), written to dz with kDz.
+// dx = a * dz + k1 + (x - mean) * k2 over every row, rows in parallel (vectors as in Normalize),
+// with dz = dy, or with kMask dy masked by the ReLU output y (DzAt), written to dz with kDz.
 template <class T, bool kMask, bool kDz>
 void GradInput(const Shape& sh, const T* x, const T* dy, const T* y, const Coefficients<T>& co,
                T* dx, T* dz, bool stream) {
   using F = E<T>;
-  constexpr bool wide = std::is_same<F, float>::value;
   const int64_t C = sh.channels, S = sh.inner;
   ParallelFor(sh.batches * sh.rows, C * S, [&](int64_t lo, int64_t hi) {
     for (int64_t item = lo; item < hi; ++item) {
@@ -1085,24 +1090,17 @@ void GradInput(const Shape& sh, const T* x, const T* dy, const T* y, const Coeff
       const F* __restrict k2 = co.k2.data() + i;
       if (S == 1) {
         int64_t c = 0;
-        if constexpr (wide)
-          for (; c + 16 <= C; c += 16) {
-            const Floats16 g = Dz16<kMask>(gr + c, yr + c);
-            if constexpr (kDz) Store16(zr + c, g, stream);
-            Store16(out + c,
-                    Load16(a + c) * g + Load16(k1 + c) +
-                        (Load16(xr + c) - Load16(mean + c)) * Load16(k2 + c),
-                    stream);
-          }
-        if constexpr (std::is_same<T, float>::value && kAvx512)
-          for (; c + 8 <= C; c += 8) {
-            const Lanes g = Dz8<kMask>(gr + c, yr + c);
-            if constexpr (kDz) Store8(zr + c, g, stream);
-            Store8(out + c,
-                   Load8(a + c) * g + Load8(k1 + c) +
-                       (Load8(xr + c) - Load8(mean + c)) * Load8(k2 + c),
+        if constexpr (kExplicit<T>) {
+          using W = Wide<F>;
+          for (; c + W::kWidth <= C; c += W::kWidth) {
+            const typename W::V g = W::template Dz<kMask>(gr + c, yr + c);
+            if constexpr (kDz) W::Set(zr + c, g, stream);
+            W::Set(out + c,
+                   W::Get(a + c) * g + W::Get(k1 + c) +
+                       (W::Get(xr + c) - W::Get(mean + c)) * W::Get(k2 + c),
                    stream);
           }
+        }
         for (; c < C; ++c) {
           const F g = DzAt<kMask>(gr, yr, c);
           if constexpr (kDz) zr[c] = Store<T, F>(g);
