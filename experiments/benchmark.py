@@ -18,6 +18,11 @@ Batch norm (train mode, forward + backward with a cotangent, float32 unless note
   ``bound/ours`` is the fraction of that bound jaxbn's default (native, else alt) reaches. Shapes
   whose x fits in the last-level cache (under 8 MiB) are not bandwidth-bound: no bound is shown.
 
+Head to head (when both run): the native kernels and PyTorch again, in rounds of the two alone.
+In the table's rounds seven other programs run between two calls of one candidate, and both find
+their inputs in colder caches; alone, each follows the other. The two settings give different
+ratios on the same machine; the summary reports both (``native_alone_vs_torch*``).
+
 bfloat16, forward only (inference-style train-mode forward, no VJP): ``native``, ``alt`` and
 PyTorch's ``F.batch_norm`` under ``torch.no_grad()``.
 
@@ -196,6 +201,11 @@ def bench_batch_norm(shape, layout, dtype, repeats) -> dict:
     fns["copy"] = functools.partial(copy, x)
     seconds, best = _medians_and_best(fns, repeats)
     seconds.pop("copy")
+    head_to_head = None
+    if {"native", "torch"} <= set(fns):  # the two alone: no other program between their calls
+        pair = interleaved_times({k: fns[k] for k in ("native", "torch")}, repeats=repeats,
+                                 warmup=1)
+        head_to_head = {k: statistics.median(v) for k, v in pair.items()}
     # 5 arrays at the bandwidth of a 2-array copy's best time; none where x fits in cache.
     bound = 2.5 * best["copy"] if x.nbytes >= MIN_BOUND_BYTES else None
     residual = {}
@@ -204,7 +214,8 @@ def bench_batch_norm(shape, layout, dtype, repeats) -> dict:
             residual[name] = _residual_bytes(f, x, gamma, beta)
     temp = {name: _temp_bytes(run) for name, run in runs.items()}
     return {"shape": list(shape), "layout": layout, "dtype": jnp.dtype(dtype).name,
-            "x_bytes": int(x.nbytes), "seconds": seconds, "bound_seconds": bound,
+            "x_bytes": int(x.nbytes), "seconds": seconds, "head_to_head": head_to_head,
+            "bound_seconds": bound,
             "residual_bytes": residual, "temp_bytes": temp,
             "kernel_calls": {name: _kernel_calls(run) for name, run in runs.items()}}
 
@@ -381,6 +392,22 @@ def summarize(bn_rows) -> dict:
                 if r["dtype"] != "float32":
                     name = f"{rule}_vs_torch_{r['dtype']}_{'x'.join(map(str, r['shape']))}"
                     out[name] = r["seconds"]["torch"] / r["seconds"][rule]
+    out.update(_summarize_head_to_head(bn_rows))
+    return out
+
+
+def _summarize_head_to_head(bn_rows) -> dict:
+    """PyTorch's time over the native kernels' in rounds of the two alone: the float32 geomean,
+    the worst float32 shape, and each other dtype's rows."""
+    if not bn_rows or any(r.get("head_to_head") is None for r in bn_rows):
+        return {}
+    def ratio(r):
+        return r["head_to_head"]["torch"] / r["head_to_head"]["native"]
+
+    f32 = [ratio(r) for r in bn_rows if r["dtype"] == "float32"]
+    out = {"native_alone_vs_torch": _geomean(f32), "native_alone_worst_shape_vs_torch": min(f32)}
+    out.update({f"native_alone_vs_torch_{r['dtype']}_{'x'.join(map(str, r['shape']))}": ratio(r)
+                for r in bn_rows if r["dtype"] != "float32"})
     return out
 
 
@@ -427,6 +454,11 @@ def print_tables(result) -> None:
         print(f"{'x'.join(map(str, r['shape'])):>20} {r['dtype']:>8} {cells} {bound_cells} "
               f"{r['residual_bytes'][lead] / r['x_bytes']:6.3f} "
               f"{'-' if temp is None else f'{temp / 2**20:8.1f}':>8}")
+    pairs = [r for r in result["batch_norm"] if r.get("head_to_head")]
+    if pairs:
+        print("\nnative and torch alone (rounds of the two only), median ms: " + "; ".join(
+            f"{'x'.join(map(str, r['shape']))} {r['dtype']} {r['head_to_head']['native'] * 1e3:.3f}"
+            f" / {r['head_to_head']['torch'] * 1e3:.3f}" for r in pairs))
     print("\nsummary (geometric means over the float32 shapes):")
     for k, v in result["summary"].items():
         print(f"  {k}: {v:.3f}" if v is not None else f"  {k}: n/a")

@@ -131,6 +131,11 @@ def test_benchmark_quick_writes_a_table_and_json(tmp_path, capsys):
         # The hand-written rule keeps one input-sized array plus per-feature vectors.
         assert row["residual_bytes"]["alt"] <= 1.05 * row["x_bytes"]
         assert row["residual_bytes"]["native"] <= 1.05 * row["x_bytes"]
+        # The head-to-head rounds run exactly when both of their candidates do.
+        pair = row["head_to_head"]
+        assert (pair is None) == ("torch" not in row["seconds"]), pair
+        assert pair is None or set(pair) == {"native", "torch"}
+    assert ("native_alone_vs_torch" in saved["summary"]) == ("torch" not in saved["missing"])
     # Each candidate runs what it is named for: only "native" calls the kernels.
     for row in saved["batch_norm"] + saved["forward"]:
         calls = row["kernel_calls"]
