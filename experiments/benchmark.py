@@ -62,7 +62,7 @@ import numpy as np
 
 import jaxbn
 from experiments import adapters
-from experiments.timing import calm_openmp, interleaved_times, native_kernels
+from experiments.timing import calm_openmp, interleaved_medians, interleaved_times, native_kernels
 from jaxbn import reference
 from jaxbn._layout import layout as layout_of
 
@@ -203,9 +203,8 @@ def bench_batch_norm(shape, layout, dtype, repeats) -> dict:
     seconds.pop("copy")
     head_to_head = None
     if {"native", "torch"} <= set(fns):  # the two alone: no other program between their calls
-        pair = interleaved_times({k: fns[k] for k in ("native", "torch")}, repeats=repeats,
-                                 warmup=1)
-        head_to_head = {k: statistics.median(v) for k, v in pair.items()}
+        head_to_head = interleaved_medians({k: fns[k] for k in ("native", "torch")},
+                                           repeats=repeats, warmup=1)
     # 5 arrays at the bandwidth of a 2-array copy's best time; none where x fits in cache.
     bound = 2.5 * best["copy"] if x.nbytes >= MIN_BOUND_BYTES else None
     residual = {}
