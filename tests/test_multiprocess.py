@@ -53,9 +53,10 @@ def _run(command, timeout):
 def _ours(stdout):
     """A process's output without the lines the CPU collectives' library prints on connecting
     ("[Gloo] Rank 0 is connected to 3 peer ranks. ...", whose head another write may split off
-    from its tail)."""
+    from its tail, down to a lone newline)."""
     return "".join(line for line in stdout.splitlines(True)
-                   if not line.startswith("[Gloo]") and "connected peer ranks" not in line)
+                   if line.strip() and not line.startswith("[Gloo]")
+                   and "connected peer ranks" not in line)
 
 
 def _snippet_on_two_processes(cwd, *, kill=False):
