@@ -9,9 +9,13 @@
 // Handlers. The fused pair runs a whole batch in two passes each way, the fewest the math
 // allows: forward reads x once for the statistics and once to write y; backward reads x and dy
 // once for sum(dy) and sum(dy * (x - mean)) and once to write dx.
-//   jaxbn_batch_norm_forward   x, gamma, beta -> y, mean, var, inv_std
-//   jaxbn_batch_norm_backward  x, dy, gamma -> dx, dgamma, dbeta (the statistics again,
-//                              in float64, from the same pass)
+//   jaxbn_batch_norm_forward   x, gamma, beta -> y, mean, var, inv_std, mean_low, inv_std_low
+//   jaxbn_batch_norm_backward  x, dy, mean, mean_low, inv_std, inv_std_low, gamma
+//                              -> dx, dgamma, dbeta
+// The forward's float64 mean and inv_std reach the backward as float32 pairs (value, low: the
+// rest, PutLow), exact to 48 bits: a float32 mean alone would cost dx its accuracy at large
+// offsets, and recomputing the statistics in the backward's sums pass (as this file once did)
+// took that pass twice the arithmetic (bfloat16 forward + backward 1.06-1.14x as long).
 // The pieces, for a batch split across devices (jaxbn/_partition.py merges the per-shard results
 // between them with all-reduces):
 //   jaxbn_batch_norm_stats       x -> mean, var (of this shard)
@@ -74,8 +78,8 @@ constexpr int64_t kBlockValues = 512;  // values per feature per block of the su
 // machine; tiny and vmapped calls 3-5x faster, 4M-value calls unchanged; experiments/README.md).
 constexpr int64_t kMinValuesPerThread = 1 << 19;
 // Channels per work item of the sums: rows of up to 1024 features are read whole, contiguously
-// (at (4096, 1024) the sums take 0.8x the time they take in chunks of 512); the four float64
-// accumulators of the fused backward take 32 KB.
+// (at (4096, 1024) the sums take 0.8x the time they take in chunks of 512); the two float64
+// accumulators of the backward's sums take 16 KB.
 constexpr int64_t kChannelChunk = 1024;
 
 struct BFloat16 {
@@ -802,98 +806,17 @@ void StatsRows(const Shape& sh, const T* x, int64_t b, int64_t r0, int64_t r1, i
     }
 }
 
-// sum(dy) and sum(dy * (x - mean)), laid out and grouped as in StatsRows.
-template <class T>
-void GradRows(const Shape& sh, const T* x, const T* dy, int64_t b, int64_t r0, int64_t r1,
-              int64_t c0, int64_t c1, const E<T>* __restrict mean, double* __restrict sum_dy,
-              double* __restrict sum_dy_xmu) {
-  using G = E<T>;
-  const int64_t n = c1 - c0, S = sh.inner, stride = sh.row_size();
-  const int64_t offset = (b * sh.rows * sh.channels + c0) * S;
-  if (S == 1) {
-    int64_t r = r0;
-    for (; r + 2 <= r1; r += 2) {
-      const T* __restrict x0 = x + offset + r * stride;
-      const T* __restrict x1 = x0 + stride;
-      const T* __restrict g0 = dy + offset + r * stride;
-      const T* __restrict g1 = g0 + stride;
-      const bool ahead = r + kAheadRows + 2 <= sh.rows;
-      for (int64_t line = 0; line < n; line += kLineValues<T>) {
-        if (ahead) {
-          Ahead<2>(x0 + line, stride);
-          Ahead<2>(g0 + line, stride);
-        }
-        for (int64_t c = line; c < std::min(n, line + kLineValues<T>); ++c) {
-          const G a0 = Load(g0[c]), a1 = Load(g1[c]);
-          sum_dy[c] += static_cast<double>(a0 + a1);
-          sum_dy_xmu[c] += static_cast<double>(a0 * (Load(x0[c]) - mean[c]) +
-                                               a1 * (Load(x1[c]) - mean[c]));
-        }
-      }
-    }
-    for (; r < r1; ++r) {
-      const T* __restrict xr = x + offset + r * stride;
-      const T* __restrict gr = dy + offset + r * stride;
-      for (int64_t c = 0; c < n; ++c) {
-        const G g = Load(gr[c]);
-        sum_dy[c] += static_cast<double>(g);
-        sum_dy_xmu[c] += static_cast<double>(g * (Load(xr[c]) - mean[c]));
-      }
-    }
-    return;
-  }
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t c = 0; c < n; ++c) {
-      const T* __restrict px = x + offset + r * stride + c * S;
-      const T* __restrict pg = dy + offset + r * stride + c * S;
-      const G mu = mean[c];
-      Lanes a1 = {}, b1 = {}, a2 = {}, b2 = {};
-      int64_t s = 0;
-      if constexpr (std::is_same<G, float>::value) {
-        for (; s + 64 <= S; s += 64) {
-          const Floats16 g0 = Load16(pg + s), g1 = Load16(pg + s + 16);
-          const Floats16 g2 = Load16(pg + s + 32), g3 = Load16(pg + s + 48);
-          Widen((g0 + g1) + (g2 + g3), &a1, &b1);
-          Widen((g0 * (Load16(px + s) - mu) + g1 * (Load16(px + s + 16) - mu)) +
-                    (g2 * (Load16(px + s + 32) - mu) + g3 * (Load16(px + s + 48) - mu)),
-                &a2, &b2);
-        }
-      }
-      const double mu64 = mu;
-      for (; s + 16 <= S; s += 16) {
-        const Lanes g0 = Load8(pg + s), g1 = Load8(pg + s + 8);
-        a1 += g0;
-        b1 += g1;
-        a2 += g0 * (Load8(px + s) - mu64);
-        b2 += g1 * (Load8(px + s + 8) - mu64);
-      }
-      double t1 = Total(a1 + b1), t2 = Total(a2 + b2);
-      for (; s < S; ++s) {
-        const double g = Load(pg[s]);
-        t1 += g;
-        t2 += g * (Load(px[s]) - mu64);
-      }
-      sum_dy[c] += t1;
-      sum_dy_xmu[c] += t2;
-    }
-}
-
-// The fused backward's one pass: sum(d), sum(d^2), sum(dy) and sum(dy * d) with d = x - K, the
-// statistics and the two sums of the gradient at once (laid out and grouped as in StatsRows).
-// From them the backward has the float64 mean and variance the forward computed, instead of
-// their float32 roundings (which alone would cost dx about one ulp).
-// With kMask, dy is masked by the forward's ReLU output y (DzAt); otherwise y is not read.
+// The backward's sums pass: sum(dz) and sum(dz * (x - mean)) with dz = dy, or with kMask dy
+// masked by the forward's ReLU output y (DzAt; y is not read otherwise), laid out and grouped
+// as in StatsRows. mean is a value near the batch mean in G = E<T> (the caller corrects for
+// the rest).
 template <class T, bool kMask>
 void BackwardRows(const Shape& sh, const T* x, const T* dy, const T* y, int64_t b, int64_t r0,
-                  int64_t r1, int64_t c0, int64_t c1, const E<T>* __restrict shift,
-                  double* const* acc) {
+                  int64_t r1, int64_t c0, int64_t c1, const E<T>* __restrict mean,
+                  double* __restrict sum_dz, double* __restrict sum_dz_xmu) {
   using G = E<T>;
   const int64_t n = c1 - c0, S = sh.inner, stride = sh.row_size();
   const int64_t offset = (b * sh.rows * sh.channels + c0) * S;
-  double* __restrict s_d = acc[0];
-  double* __restrict s_dd = acc[1];
-  double* __restrict s_g = acc[2];
-  double* __restrict s_gd = acc[3];
   if (S == 1) {
     int64_t r = r0;
     for (; r + 4 <= r1; r += 4) {
@@ -908,16 +831,14 @@ void BackwardRows(const Shape& sh, const T* x, const T* dy, const T* y, int64_t 
           if constexpr (kMask) Ahead(y0 + line, stride);
         }
         for (int64_t c = line; c < std::min(n, line + kLineValues<T>); ++c) {
-          const G k = shift[c];
+          const G k = mean[c];
           const G d0 = Load(x0[c]) - k, d1 = Load(x0[c + stride]) - k;
           const G d2 = Load(x0[c + 2 * stride]) - k, d3 = Load(x0[c + 3 * stride]) - k;
           const G a0 = DzAt<kMask>(g0, y0, c), a1 = DzAt<kMask>(g0, y0, c + stride);
           const G a2 = DzAt<kMask>(g0, y0, c + 2 * stride);
           const G a3 = DzAt<kMask>(g0, y0, c + 3 * stride);
-          s_d[c] += static_cast<double>((d0 + d1) + (d2 + d3));
-          s_dd[c] += static_cast<double>((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3));
-          s_g[c] += static_cast<double>((a0 + a1) + (a2 + a3));
-          s_gd[c] += static_cast<double>((a0 * d0 + a1 * d1) + (a2 * d2 + a3 * d3));
+          sum_dz[c] += static_cast<double>((a0 + a1) + (a2 + a3));
+          sum_dz_xmu[c] += static_cast<double>((a0 * d0 + a1 * d1) + (a2 * d2 + a3 * d3));
         }
       }
     }
@@ -926,11 +847,9 @@ void BackwardRows(const Shape& sh, const T* x, const T* dy, const T* y, int64_t 
       const T* __restrict gr = dy + offset + r * stride;
       const T* __restrict yr = y + offset + r * stride;
       for (int64_t c = 0; c < n; ++c) {
-        const double d = static_cast<double>(Load(xr[c]) - shift[c]), g = DzAt<kMask>(gr, yr, c);
-        s_d[c] += d;
-        s_dd[c] += d * d;
-        s_g[c] += g;
-        s_gd[c] += g * d;
+        const double d = static_cast<double>(Load(xr[c]) - mean[c]), g = DzAt<kMask>(gr, yr, c);
+        sum_dz[c] += g;
+        sum_dz_xmu[c] += g * d;
       }
     }
     return;
@@ -940,8 +859,8 @@ void BackwardRows(const Shape& sh, const T* x, const T* dy, const T* y, int64_t 
       const T* __restrict px = x + offset + r * stride + c * S;
       const T* __restrict pg = dy + offset + r * stride + c * S;
       const T* __restrict py = y + offset + r * stride + c * S;
-      const G k = shift[c];
-      Lanes l[8] = {};
+      const G k = mean[c];
+      Lanes l[4] = {};
       int64_t s = 0;
       if constexpr (std::is_same<G, float>::value) {
         for (; s + 64 <= S; s += 64) {
@@ -950,33 +869,24 @@ void BackwardRows(const Shape& sh, const T* x, const T* dy, const T* y, int64_t 
           const Floats16 g0 = Dz16<kMask>(pg + s, py + s), g1 = Dz16<kMask>(pg + s + 16, py + s + 16);
           const Floats16 g2 = Dz16<kMask>(pg + s + 32, py + s + 32);
           const Floats16 g3 = Dz16<kMask>(pg + s + 48, py + s + 48);
-          Widen((d0 + d1) + (d2 + d3), &l[0], &l[1]);
-          Widen((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3), &l[2], &l[3]);
-          Widen((g0 + g1) + (g2 + g3), &l[4], &l[5]);
-          Widen((g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3), &l[6], &l[7]);
+          Widen((g0 + g1) + (g2 + g3), &l[0], &l[1]);
+          Widen((g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3), &l[2], &l[3]);
         }
       }
       const double k64 = k;
       for (; s + 8 <= S; s += 8) {
         const Lanes d = Load8(px + s) - k64, g = Dz8<kMask>(pg + s, py + s);
-        l[0] += d;
-        l[2] += d * d;
-        l[4] += g;
-        l[6] += g * d;
+        l[0] += g;
+        l[2] += g * d;
       }
-      double t[4] = {Total(l[0] + l[1]), Total(l[2] + l[3]), Total(l[4] + l[5]),
-                     Total(l[6] + l[7])};
+      double t[2] = {Total(l[0] + l[1]), Total(l[2] + l[3])};
       for (; s < S; ++s) {
         const double d = Load(px[s]) - k64, g = DzAt<kMask>(pg, py, s);
-        t[0] += d;
-        t[1] += d * d;
-        t[2] += g;
-        t[3] += g * d;
+        t[0] += g;
+        t[1] += g * d;
       }
-      s_d[c] += t[0];
-      s_dd[c] += t[1];
-      s_g[c] += t[2];
-      s_gd[c] += t[3];
+      sum_dz[c] += t[0];
+      sum_dz_xmu[c] += t[1];
     }
 }
 
@@ -988,20 +898,13 @@ inline void Moments(double shift, double sum, double square_sum, double m, doubl
   *mean = shift + d_mean;
 }
 
-// What the backward needs of the fused pass's sums s = (sum d, sum d^2, sum dy, sum dy * d).
-struct GradStats {
-  double mean, inv_std, sum_dy_xmu;  // sum_dy_xmu = sum(dy * (x - mean))
-};
-inline GradStats FinishGrad(double shift, const std::array<double, 4>& s, double m, double eps) {
-  double mean, var;
-  Moments(shift, s[0], s[1], m, &mean, &var);
-  return {mean, 1.0 / std::sqrt(var + eps), s[3] - (s[0] / m) * s[2]};
-}
 
 // gamma and beta's index for statistic i = (b, c).
 inline int64_t ParamIndex(const Shape& sh, int64_t i, int64_t param_stride) {
   return (i / sh.channels) * param_stride + i % sh.channels;
 }
+
+inline double InvStd(double var, double eps) { return 1.0 / std::sqrt(var + eps); }
 
 // Per-(b, c) coefficients of an elementwise pass, in its arithmetic type.
 template <class T>
@@ -1011,7 +914,7 @@ struct Coefficients {
   // y = (x - mean) * a + k1 with a = gamma * inv_std, k1 = beta; returns inv_std.
   template <class F>
   double SetForward(int64_t i, double mu, double var, F gamma, F beta, double eps) {
-    const double inv_std = 1.0 / std::sqrt(var + eps);
+    const double inv_std = InvStd(var, eps);
     mean[i] = static_cast<E<T>>(mu);
     a[i] = static_cast<E<T>>(static_cast<double>(gamma) * inv_std);
     k1[i] = static_cast<E<T>>(beta);
@@ -1205,50 +1108,42 @@ void GradInputWith(const Shape& sh, const T* x, const T* dy, const double* mean,
   });
 }
 
-template <class T, class F>
-void GradSums(const Shape& sh, const T* x, const T* dy, const F* mean, std::vector<double>* sum_dy,
-              std::vector<double>* sum_dy_xmu) {
-  const std::vector<E<T>> center(mean, mean + sh.stats());
+// sum(dz) and sum(dz * (x - mean)) over every row (BackwardRows, dz as there: y masks dy where
+// given). The pass centres x at K, mean rounded to x's dtype, so that x - K and dz * (x - K) are
+// exact in E<T> (as the statistics' x - K), and the float64 sum is corrected for mean - K.
+template <class T>
+void GradSums(const Shape& sh, const T* x, const T* dy, const T* y, const double* mean,
+              std::vector<double>* sum_dz, std::vector<double>* sum_dz_xmu) {
+  std::vector<E<T>> center(sh.stats());
+  for (int64_t i = 0; i < sh.stats(); ++i)
+    center[i] = Load(Store<T, E<T>>(static_cast<E<T>>(mean[i])));
   const int64_t C = sh.channels;
   auto sums = Sums<2>(
       sh, [&](int64_t b, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* const* acc) {
-        GradRows<T>(sh, x, dy, b, r0, r1, c0, c1, center.data() + b * C + c0, acc[0], acc[1]);
+        const E<T>* k = center.data() + b * C + c0;
+        if (y != nullptr) BackwardRows<T, true>(sh, x, dy, y, b, r0, r1, c0, c1, k, acc[0], acc[1]);
+        else BackwardRows<T, false>(sh, x, dy, dy, b, r0, r1, c0, c1, k, acc[0], acc[1]);
       });
-  *sum_dy = std::move(sums[0]);
-  *sum_dy_xmu = std::move(sums[1]);
+  for (int64_t i = 0; i < sh.stats(); ++i)
+    sums[1][i] -= (mean[i] - static_cast<double>(center[i])) * sums[0][i];
+  *sum_dz = std::move(sums[0]);
+  *sum_dz_xmu = std::move(sums[1]);
 }
 
-// The fused backward's two passes: the sums (BackwardRows), then dx and the parameters'
-// gradients (in float64).
+// The fused backward's two passes from the forward's float64 statistics: the sums (GradSums),
+// then dx and the parameters' gradients (in float64).
 template <class T, class F>
-void FusedBackward(const Shape& sh, const T* xs, const T* dys, const T* ys, const F* gamma,
-                   int64_t param_stride, double eps, T* dx, T* dz, double* dgamma,
-                   double* dbeta) {
-  const int64_t C = sh.channels;
-  std::vector<E<T>> shift(sh.stats());  // the forward's shift: x values, exact in E<T>
-  for (int64_t b = 0; b < sh.batches; ++b)
-    for (int64_t c = 0; c < C; ++c) shift[b * C + c] = Load(xs[(b * sh.rows * C + c) * sh.inner]);
-  const auto sums = Sums<4>(
-      sh, [&](int64_t b, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* const* acc) {
-        if (ys != nullptr)
-          BackwardRows<T, true>(sh, xs, dys, ys, b, r0, r1, c0, c1, shift.data() + b * C + c0, acc);
-        else
-          BackwardRows<T, false>(sh, xs, dys, dys, b, r0, r1, c0, c1, shift.data() + b * C + c0,
-                                 acc);
-      });
-  const double m = static_cast<double>(sh.values());
-  std::vector<double> mean(sh.stats()), inv_std(sh.stats()), sum_dy_xmu(sh.stats());
+void FusedBackward(const Shape& sh, const T* xs, const T* dys, const T* ys, const double* mean,
+                   const double* inv_std, const F* gamma, int64_t param_stride, T* dx, T* dz,
+                   double* dgamma, double* dbeta) {
+  std::vector<double> sum_dz, sum_dz_xmu;
+  GradSums<T>(sh, xs, dys, ys, mean, &sum_dz, &sum_dz_xmu);
   for (int64_t i = 0; i < sh.stats(); ++i) {
-    const GradStats g =
-        FinishGrad(shift[i], {sums[0][i], sums[1][i], sums[2][i], sums[3][i]}, m, eps);
-    mean[i] = g.mean;
-    inv_std[i] = g.inv_std;
-    sum_dy_xmu[i] = g.sum_dy_xmu;
-    dgamma[i] = g.sum_dy_xmu * g.inv_std;
-    dbeta[i] = sums[2][i];
+    dgamma[i] = sum_dz_xmu[i] * inv_std[i];
+    dbeta[i] = sum_dz[i];
   }
-  GradInputWith<T, F>(sh, xs, dys, mean.data(), inv_std.data(), gamma, param_stride,
-                      sums[2].data(), sum_dy_xmu.data(), m, ys, dx, dz);
+  GradInputWith<T, F>(sh, xs, dys, mean, inv_std, gamma, param_stride, sum_dz.data(),
+                      sum_dz_xmu.data(), static_cast<double>(sh.values()), ys, dx, dz);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1266,6 +1161,14 @@ template <class F>
 void Put(const std::vector<double>& values, ffi::Result<ffi::AnyBuffer>& out) {
   F* p = Out<F>(out);
   for (size_t i = 0; i < values.size(); ++i) p[i] = static_cast<F>(values[i]);
+}
+// What values leave out of their rounding to F: with Put's, float64 to 48 bits (float32 F);
+// zero for float64 F. The forward hands its statistics to the backward that way.
+template <class F>
+void PutLow(const std::vector<double>& values, ffi::Result<ffi::AnyBuffer>& out) {
+  F* p = Out<F>(out);
+  for (size_t i = 0; i < values.size(); ++i)
+    p[i] = static_cast<F>(values[i] - static_cast<double>(static_cast<F>(values[i])));
 }
 template <class F>
 std::vector<double> Get(const ffi::AnyBuffer& buffer) {
@@ -1325,7 +1228,8 @@ bool SameSize(const ffi::AnyBuffer& x, const std::optional<ffi::AnyBuffer>& othe
 ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer gamma, ffi::AnyBuffer beta,
                        std::optional<ffi::AnyBuffer> residual, ffi::Result<ffi::AnyBuffer> y,
                        ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> var,
-                       ffi::Result<ffi::AnyBuffer> inv_std, int64_t axis, int64_t batch_dims,
+                       ffi::Result<ffi::AnyBuffer> inv_std, ffi::Result<ffi::AnyBuffer> mean_low,
+                       ffi::Result<ffi::AnyBuffer> inv_std_low, int64_t axis, int64_t batch_dims,
                        double eps, bool relu, ffi::ThreadPool pool) {
   PoolScope scope(pool);
   Shape sh;
@@ -1344,6 +1248,10 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer gamma, ffi::AnyBuffer be
                         eps, res, relu, Out<T>(y), Out<F>(inv_std));
     Put<F>(mean64, mean);
     Put<F>(var64, var);
+    std::vector<double> inv_std64(var64.size());
+    for (size_t i = 0; i < var64.size(); ++i) inv_std64[i] = InvStd(var64[i], eps);
+    PutLow<F>(mean64, mean_low);
+    PutLow<F>(inv_std64, inv_std_low);
   });
 }
 
@@ -1386,16 +1294,19 @@ ffi::Error NormalizeImpl(ffi::AnyBuffer x, ffi::AnyBuffer mean, ffi::AnyBuffer v
 
 // With y (the forward's ReLU output) dy is masked by y > 0; with the dz result, the masked
 // cotangent (the residual's) is written too.
-ffi::Error BackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer gamma,
+ffi::Error BackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer mean,
+                        ffi::AnyBuffer mean_low, ffi::AnyBuffer inv_std,
+                        ffi::AnyBuffer inv_std_low, ffi::AnyBuffer gamma,
                         std::optional<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> dx,
                         ffi::Result<ffi::AnyBuffer> dgamma, ffi::Result<ffi::AnyBuffer> dbeta,
                         std::optional<ffi::Result<ffi::AnyBuffer>> dz, int64_t axis,
-                        int64_t batch_dims, double eps, ffi::ThreadPool pool) {
+                        int64_t batch_dims, ffi::ThreadPool pool) {
   PoolScope scope(pool);
   Shape sh;
   int64_t stride;
   if (!ToShape(x.dimensions(), batch_dims, axis, &sh) || !ParamStride(sh, gamma, &stride) ||
-      !SameSize(x, y) || (dz.has_value() && !y.has_value()))
+      !PerStatistic(sh, {&mean, &mean_low, &inv_std, &inv_std_low}) || !SameSize(x, y) ||
+      (dz.has_value() && !y.has_value()))
     return ShapeError("backward");
   return ByDtype(x.element_type(), [&](auto t, auto f) {
     using T = typename decltype(t)::type;
@@ -1404,9 +1315,15 @@ ffi::Error BackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer gamm
     const T* dys = In<T>(dy);
     const T* ys = Maybe<T>(y);
     T* dzs = dz.has_value() ? Out<T>(*dz) : nullptr;
+    std::vector<double> mean64 = Get<F>(mean), inv_std64 = Get<F>(inv_std);
+    const std::vector<double> mean_low64 = Get<F>(mean_low), inv_std_low64 = Get<F>(inv_std_low);
+    for (int64_t i = 0; i < sh.stats(); ++i) {
+      mean64[i] += mean_low64[i];
+      inv_std64[i] += inv_std_low64[i];
+    }
     std::vector<double> dgamma64(sh.stats()), dbeta64(sh.stats());
-    FusedBackward<T, F>(sh, xs, dys, ys, In<F>(gamma), stride, eps, Out<T>(dx), dzs,
-                        dgamma64.data(), dbeta64.data());
+    FusedBackward<T, F>(sh, xs, dys, ys, mean64.data(), inv_std64.data(), In<F>(gamma), stride,
+                        Out<T>(dx), dzs, dgamma64.data(), dbeta64.data());
     Put<F>(dgamma64, dgamma);
     Put<F>(dbeta64, dbeta);
   });
@@ -1422,7 +1339,7 @@ ffi::Error GradSumsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer mean
     using T = typename decltype(t)::type;
     using F = typename decltype(f)::type;
     std::vector<double> s1, s2;
-    GradSums<T, F>(sh, In<T>(x), In<T>(dy), In<F>(mean), &s1, &s2);
+    GradSums<T>(sh, In<T>(x), In<T>(dy), nullptr, Get<F>(mean).data(), &s1, &s2);
     Put<F>(s1, sum_dy);
     Put<F>(s2, sum_dy_xmu);
   });
@@ -1463,6 +1380,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormForward, ForwardImpl,
                                   .Ret<Buffer>()  // mean
                                   .Ret<Buffer>()  // var
                                   .Ret<Buffer>()  // inv_std
+                                  .Ret<Buffer>()  // mean_low: mean - mean rounded (PutLow)
+                                  .Ret<Buffer>()  // inv_std_low
                                   .Attr<int64_t>("axis")
                                   .Attr<int64_t>("batch_dims")
                                   .Attr<double>("eps")
@@ -1498,6 +1417,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormBackward, BackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<Buffer>()  // x
                                   .Arg<Buffer>()  // dy
+                                  .Arg<Buffer>()  // mean, the forward's
+                                  .Arg<Buffer>()  // mean_low, the forward's
+                                  .Arg<Buffer>()  // inv_std, the forward's
+                                  .Arg<Buffer>()  // inv_std_low, the forward's
                                   .Arg<Buffer>()  // gamma
                                   .OptionalArg<Buffer>()  // y, the forward's ReLU output
                                   .Ret<Buffer>()  // dx
@@ -1506,7 +1429,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormBackward, BackwardImpl,
                                   .OptionalRet<Buffer>()  // dz = dy * [y > 0] (the residual's)
                                   .Attr<int64_t>("axis")
                                   .Attr<int64_t>("batch_dims")
-                                  .Attr<double>("eps")
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBatchNormGradSums, GradSumsImpl,

@@ -2,7 +2,9 @@
 
 :func:`forward` and :func:`backward` are the CPU implementation of the formulas in
 :mod:`jaxbn._rules` (``statistics`` + ``scale_shift``, ``alt_rule``) for batch norm: the same
-inputs, outputs and residuals, with every sum in float64 (exact to the final rounding).
+inputs, outputs and residuals (plus ``Residuals.low``, two per-feature arrays that carry the
+forward's float64 statistics to the backward), with every sum in float64 (exact to the final
+rounding).
 :func:`decide` says, once per call, whether they run: the extension was built (``pip install -e
 .`` with a C++ compiler), the default backend is the CPU, the call is a batch norm whose layout
 the kernels take (``Layout.native_view``), the rule is ``"alt"`` without mask or ``axis_name``,
@@ -123,14 +125,17 @@ def _jnp_forward(x, gamma, beta, residual, config):
     mean, var = _rules.statistics(x, config, _stat_dtype(x))
     inv_std = jax.lax.rsqrt(var + config.eps)
     y = _rules.scale_shift(x, mean, inv_std, gamma, beta, residual, config.activation)
-    return y, mean, var, inv_std
+    return y, mean, var, inv_std, jnp.zeros_like(mean), jnp.zeros_like(inv_std)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
 def forward(x, gamma, beta, residual, config):
-    """``(y, mean, var, inv_std)`` as the jnp rule computes them (statistics with x's rank, size
-    1 along the reduced axes), for ``config.native``, the feature axis of ``x``; ``y`` with the
-    config's epilogue."""
+    """``(y, mean, var, inv_std, mean_low, inv_std_low)`` as the jnp rule computes them
+    (statistics with x's rank, size 1 along the reduced axes), for ``config.native``, the feature
+    axis of ``x``; ``y`` with the config's epilogue. ``mean_low`` and ``inv_std_low`` are what
+    the float32 ``mean`` and ``inv_std`` leave out of the kernels' float64 ones (zero for
+    float64 statistics): the fused backward takes the statistics from them, to 48 bits,
+    instead of a second pass over ``x`` for its own."""
     stat, keep = _stat_dtype(x), _kept(x, config)
     y, *stats = _partition.forward(x, gamma.astype(stat).reshape(-1),
                                    beta.astype(stat).reshape(-1), residual, axis=config.native,
@@ -143,7 +148,8 @@ def _forward_jvp(config, primals, tangents):
     return jax.jvp(lambda *a: _jnp_forward(*a, config), primals, tangents)
 
 
-def _jnp_backward(x, dy, mean, inv_std, gamma, out, config):
+def _jnp_backward(x, dy, mean, inv_std, gamma, out, low, config):
+    del low  # the float32 statistics are the jnp rule's
     dz = _rules.epilogue_cotangent(config, out, dy)
     residuals = _rules.Residuals(x, mean, inv_std, gamma, out)
     return (*_rules.alt_rule(config, residuals, dz), dz if config.residual else dy)
@@ -152,18 +158,18 @@ def _jnp_backward(x, dy, mean, inv_std, gamma, out, config):
 def backward(dy, residuals, config):
     """``(dx, dgamma, dbeta, dz)`` as :func:`jaxbn._rules.alt_rule` computes them from the
     cotangent ``dz`` of the affine output (:func:`jaxbn._rules.epilogue_cotangent` of ``dy``)."""
-    x, mean, inv_std, gamma, out = residuals
-    return _backward(x, dy, mean, inv_std, gamma, out, config)
+    x, mean, inv_std, gamma, out, low = residuals
+    return _backward(x, dy, mean, inv_std, gamma, out, low, config)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
-def _backward(x, dy, mean, inv_std, gamma, out, config):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(7,))
+def _backward(x, dy, mean, inv_std, gamma, out, low, config):
     stat = mean.dtype
     # The kernels write dz only where the residual needs it and differs from dy.
     want_dz = config.residual and out is not None
     dx, dgamma, dbeta, *dz = _partition.backward(
-        x, dy.astype(x.dtype), mean.reshape(-1), inv_std.reshape(-1),
-        gamma.astype(stat).reshape(-1), out, axis=config.native, eps=config.eps, dz=want_dz)
+        x, dy.astype(x.dtype), mean.reshape(-1), low[0].reshape(-1), inv_std.reshape(-1),
+        low[1].reshape(-1), gamma.astype(stat).reshape(-1), out, axis=config.native, dz=want_dz)
     return (dx, dgamma.reshape(gamma.shape).astype(gamma.dtype), dbeta.reshape(gamma.shape),
             dz[0] if dz else dy)
 

@@ -121,13 +121,13 @@ def _normalize_core(x, gamma, beta, residual, config):
 
 def _normalize_core_fwd(x, gamma, beta, residual, config):
     if config.native is not None:  # the same computation in one C++ kernel
-        y, mean, var, inv_std = _native.forward(x, gamma, beta, residual, config)
+        y, mean, var, inv_std, *low = _native.forward(x, gamma, beta, residual, config)
     else:
         mean, var = statistics(x, config, stat_dtype(x.dtype, gamma.dtype, beta.dtype))
         inv_std = jax.lax.rsqrt(var + config.eps)
-        y = scale_shift(x, mean, inv_std, gamma, beta, residual, config.activation)
+        y, low = scale_shift(x, mean, inv_std, gamma, beta, residual, config.activation), None
     out = None if config.activation is None else y
-    return (y, mean, var), Residuals(x, mean, inv_std, gamma, out)
+    return (y, mean, var), Residuals(x, mean, inv_std, gamma, out, low and tuple(low))
 
 
 def _normalize_core_bwd(config, residuals, cotangents):
@@ -258,7 +258,7 @@ def _affine_core_bwd(config, residuals, dy):
     beta (:func:`jaxbn._rules.param_cotangent`). Sums run over the local batch; the psum around
     the statistics completes them across devices.
     """
-    x, mean, inv_std, gamma, out = residuals
+    x, mean, inv_std, gamma, out, _ = residuals
     dy = epilogue_cotangent(config, out, dy)
     dresidual = dy.astype(x.dtype) if config.residual else None
     dtype = mean.dtype

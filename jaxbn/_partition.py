@@ -92,34 +92,37 @@ def _call(target, x, outs, *args, stats_shape, nb, axis, **attrs):
 
 def local_forward(x, gamma, beta, *residual, nb: int, axis: int, eps: float, relu: bool = False,
                   reduce_axes: tuple[str, ...] = (), shards: int = 1):
-    """``(y, mean, var, inv_std)`` of one shard; with ``reduce_axes`` the statistics are merged
-    across the shards along them (see the module docstring). ``y`` has the epilogue: ``+
-    residual`` (where given, x-shaped), then a ReLU where ``relu``, inside the kernel's pass."""
+    """``(y, mean, var, inv_std, mean_low, inv_std_low)`` of one shard; with ``reduce_axes`` the
+    statistics are merged across the shards along them (see the module docstring), and the two
+    lows (what the float64 statistics add to the float32 ones) are zero. ``y`` has the epilogue:
+    ``+ residual`` (where given, x-shaped), then a ReLU where ``relu``, inside the kernel's
+    pass."""
     call = functools.partial(_call, stats_shape=gamma.shape, nb=nb, axis=axis)
     attrs = dict(eps=np.float64(eps), relu=np.bool_(relu))
     if not reduce_axes:
-        return call("jaxbn_batch_norm_forward", x, "xppp", gamma, beta, *residual, **attrs)
+        return call("jaxbn_batch_norm_forward", x, "xppppp", gamma, beta, *residual, **attrs)
     mean_i, var_i = call("jaxbn_batch_norm_stats", x, "pp")
     mean = jax.lax.psum(mean_i, reduce_axes) / shards
     var = jax.lax.psum(var_i + jnp.square(mean_i - mean), reduce_axes) / shards
     y, inv_std = call("jaxbn_batch_norm_normalize", x, "xp", mean, var, gamma, beta, *residual,
                       **attrs)
-    return y, mean, var, inv_std
+    return y, mean, var, inv_std, jnp.zeros_like(mean), jnp.zeros_like(inv_std)
 
 
-def local_backward(x, dy, mean, inv_std, gamma, *out, nb: int, axis: int, eps: float,
+def local_backward(x, dy, mean, mean_low, inv_std, inv_std_low, gamma, *out, nb: int, axis: int,
                    dz: bool = False, reduce_axes: tuple[str, ...] = (), shards: int = 1):
     """``(dx, dgamma, dbeta)`` of one shard, the two per-feature sums summed across
-    ``reduce_axes``. Unsplit, the kernel recomputes the statistics in float64 in its one pass
-    (``mean``/``inv_std`` are their float32 roundings); split, it uses the merged ones.
+    ``reduce_axes``. Unsplit, the kernel takes the statistics as ``mean + mean_low`` and
+    ``inv_std + inv_std_low`` in float64 (the forward's, to 48 bits); split, the merged float32
+    ones (the lows are zero there).
 
     ``out`` (where given): the forward's ReLU output; ``dy`` is masked by ``out > 0`` (in the
     kernel's passes unsplit, by XLA before the kernels split), and with ``dz`` the masked
     cotangent is returned fourth (the residual's)."""
     call = functools.partial(_call, stats_shape=gamma.shape, nb=nb, axis=axis)
     if not reduce_axes:
-        return call("jaxbn_batch_norm_backward", x, "xpp" + "x" * dz, dy, gamma, *out,
-                    eps=np.float64(eps))
+        return call("jaxbn_batch_norm_backward", x, "xpp" + "x" * dz, dy, mean, mean_low,
+                    inv_std, inv_std_low, gamma, *out)
     if out:
         dy = jnp.where(out[0] > 0, dy, jnp.zeros((), dy.dtype))
     sums = jnp.stack(call("jaxbn_batch_norm_grad_sums", x, "pp", dy, mean))
@@ -145,22 +148,26 @@ class _Op(NamedTuple):
 
 
 def forward(x, gamma, beta, residual=None, *, axis: int, eps: float, relu: bool = False):
-    """``(y, mean, var, inv_std)``: batch norm of ``x`` over every axis but ``axis``, by the
-    kernels, on each device's shard; ``gamma``/``beta`` ``(C,)`` in the statistics' dtype;
-    ``y = relu(... + residual)`` with the epilogue's ``residual`` (x-shaped) and ``relu``."""
+    """``(y, mean, var, inv_std, mean_low, inv_std_low)``: batch norm of ``x`` over every axis
+    but ``axis``, by the kernels, on each device's shard (:func:`local_forward`);
+    ``gamma``/``beta`` ``(C,)`` in the statistics' dtype; ``y = relu(... + residual)`` with the
+    epilogue's ``residual`` (x-shaped) and ``relu``."""
     extra = () if residual is None else (residual,)
-    op = _Op(local_forward, "xpp" + "x" * len(extra), "xppp")
+    op = _Op(local_forward, "xpp" + "x" * len(extra), "xppppp")
     attrs = (("eps", float(eps)), ("relu", bool(relu)))
     return _op(op, 0, axis, x.ndim, attrs)(x, gamma, beta, *extra)
 
 
-def backward(x, dy, mean, inv_std, gamma, out=None, *, axis: int, eps: float, dz: bool = False):
-    """``(dx, dgamma, dbeta)`` of :func:`forward`'s ``y`` for the cotangent ``dy``; with ``out``
-    (the forward's ReLU output) for ``dz = dy * [out > 0]``, returned fourth where ``dz``."""
+def backward(x, dy, mean, mean_low, inv_std, inv_std_low, gamma, out=None, *, axis: int,
+             dz: bool = False):
+    """``(dx, dgamma, dbeta)`` of :func:`forward`'s ``y`` for the cotangent ``dy``, from its
+    statistics; with ``out`` (the forward's ReLU output) for ``dz = dy * [out > 0]``, returned
+    fourth where ``dz``."""
     extra = () if out is None else (out,)
-    op = _Op(local_backward, "xxppp" + "x" * len(extra), "xpp" + "x" * dz)
-    attrs = (("eps", float(eps)), ("dz", bool(dz)))
-    return _op(op, 0, axis, x.ndim, attrs)(x, dy, mean, inv_std, gamma, *extra)
+    op = _Op(local_backward, "xxppppp" + "x" * len(extra), "xpp" + "x" * dz)
+    attrs = (("dz", bool(dz)),)
+    return _op(op, 0, axis, x.ndim, attrs)(x, dy, mean, mean_low, inv_std, inv_std_low, gamma,
+                                           *extra)
 
 
 def supported(x_type) -> bool:

@@ -59,6 +59,8 @@ class Residuals(NamedTuple):
     gamma: jax.Array  # scale, broadcastable to x
     out: jax.Array | None = None  # y itself, kept only when an activation follows (its mask is
     #                               y > 0; y is the layer's output, alive anyway)
+    low: tuple[jax.Array, jax.Array] | None = None  # native kernels only: what mean and inv_std
+    #                               leave out of the forward's float64 ones (jaxbn._native)
 
 
 def psum(a: Any, axis_name: Any) -> Any:
