@@ -694,7 +694,7 @@ template <class T>
 constexpr bool kExplicit =
     std::is_same<E<T>, float>::value || (std::is_same<T, float>::value && kAvx512);
 
-// The grouped S == 1 sums below read four (or two) rows at once: per input, four streams a row
+// The grouped S == 1 sums below read four rows at once: per input, four streams a row
 // apart, which the hardware prefetchers follow poorly (a test loop over (4096, 1024) bfloat16 x
 // and dy, two threads, read 13-14 GB/s that way against 20 GB/s one row at a time, and 18 GB/s
 // with these requests; one row at a time costs twice the float64 additions). Ahead asks for the
@@ -703,9 +703,9 @@ constexpr bool kExplicit =
 constexpr int64_t kAheadRows = 8;
 template <class T>
 constexpr int64_t kLineValues = 64 / sizeof(T);
-template <int kRows = 4, class T>
+template <class T>
 inline void Ahead(const T* p, int64_t stride) {
-  for (int i = 0; i < kRows; ++i) __builtin_prefetch(p + (kAheadRows + i) * stride);
+  for (int i = 0; i < 4; ++i) __builtin_prefetch(p + (kAheadRows + i) * stride);
 }
 
 // StatsRows' S == 1 sums over channels [0, wide), grouped as its scalar loop; returns wide.
@@ -806,13 +806,12 @@ void StatsRows(const Shape& sh, const T* x, int64_t b, int64_t r0, int64_t r1, i
     }
 }
 
-// The backward's sums pass: sum(dz) and sum(dz * (x - mean)) with dz = dy, or with kMask dy
+// The backward's sums pass: sum(dz) and sum(dz * (x - K)) with dz = dy, or with kMask dy
 // masked by the forward's ReLU output y (DzAt; y is not read otherwise), laid out and grouped
-// as in StatsRows. mean is a value near the batch mean in G = E<T> (the caller corrects for
-// the rest).
+// as in StatsRows. center: K, a value near the batch mean (GradSums corrects for the rest).
 template <class T, bool kMask>
 void BackwardRows(const Shape& sh, const T* x, const T* dy, const T* y, int64_t b, int64_t r0,
-                  int64_t r1, int64_t c0, int64_t c1, const E<T>* __restrict mean,
+                  int64_t r1, int64_t c0, int64_t c1, const E<T>* __restrict center,
                   double* __restrict sum_dz, double* __restrict sum_dz_xmu) {
   using G = E<T>;
   const int64_t n = c1 - c0, S = sh.inner, stride = sh.row_size();
@@ -831,7 +830,7 @@ void BackwardRows(const Shape& sh, const T* x, const T* dy, const T* y, int64_t 
           if constexpr (kMask) Ahead(y0 + line, stride);
         }
         for (int64_t c = line; c < std::min(n, line + kLineValues<T>); ++c) {
-          const G k = mean[c];
+          const G k = center[c];
           const G d0 = Load(x0[c]) - k, d1 = Load(x0[c + stride]) - k;
           const G d2 = Load(x0[c + 2 * stride]) - k, d3 = Load(x0[c + 3 * stride]) - k;
           const G a0 = DzAt<kMask>(g0, y0, c), a1 = DzAt<kMask>(g0, y0, c + stride);
@@ -847,7 +846,7 @@ void BackwardRows(const Shape& sh, const T* x, const T* dy, const T* y, int64_t 
       const T* __restrict gr = dy + offset + r * stride;
       const T* __restrict yr = y + offset + r * stride;
       for (int64_t c = 0; c < n; ++c) {
-        const double d = static_cast<double>(Load(xr[c]) - mean[c]), g = DzAt<kMask>(gr, yr, c);
+        const double d = static_cast<double>(Load(xr[c]) - center[c]), g = DzAt<kMask>(gr, yr, c);
         sum_dz[c] += g;
         sum_dz_xmu[c] += g * d;
       }
@@ -859,7 +858,7 @@ void BackwardRows(const Shape& sh, const T* x, const T* dy, const T* y, int64_t 
       const T* __restrict px = x + offset + r * stride + c * S;
       const T* __restrict pg = dy + offset + r * stride + c * S;
       const T* __restrict py = y + offset + r * stride + c * S;
-      const G k = mean[c];
+      const G k = center[c];
       Lanes l[4] = {};
       int64_t s = 0;
       if constexpr (std::is_same<G, float>::value) {
@@ -898,13 +897,10 @@ inline void Moments(double shift, double sum, double square_sum, double m, doubl
   *mean = shift + d_mean;
 }
 
-
 // gamma and beta's index for statistic i = (b, c).
 inline int64_t ParamIndex(const Shape& sh, int64_t i, int64_t param_stride) {
   return (i / sh.channels) * param_stride + i % sh.channels;
 }
-
-inline double InvStd(double var, double eps) { return 1.0 / std::sqrt(var + eps); }
 
 // Per-(b, c) coefficients of an elementwise pass, in its arithmetic type.
 template <class T>
@@ -914,7 +910,7 @@ struct Coefficients {
   // y = (x - mean) * a + k1 with a = gamma * inv_std, k1 = beta; returns inv_std.
   template <class F>
   double SetForward(int64_t i, double mu, double var, F gamma, F beta, double eps) {
-    const double inv_std = InvStd(var, eps);
+    const double inv_std = 1.0 / std::sqrt(var + eps);
     mean[i] = static_cast<E<T>>(mu);
     a[i] = static_cast<E<T>>(static_cast<double>(gamma) * inv_std);
     k1[i] = static_cast<E<T>>(beta);
@@ -1073,16 +1069,17 @@ void Statistics(const Shape& sh, const T* x, std::vector<double>* mean, std::vec
     Moments(shift[i], sum[i], square_sum[i], m, &(*mean)[i], &(*var)[i]);
 }
 
-// y from statistics: y = (x - mean) * gamma / sqrt(var + eps) + beta; inv_std out.
+// y from statistics: y = (x - mean) * gamma / sqrt(var + eps) + beta; inv_std out, in float64.
 // residual nullptr: none; relu: the epilogue's ReLU.
 template <class T, class F>
 void NormalizeWith(const Shape& sh, const T* x, const double* mean, const double* var,
                    const F* gamma, const F* beta, int64_t param_stride, double eps,
-                   const T* residual, bool relu, T* y, F* inv_std_out) {
+                   const T* residual, bool relu, T* y, std::vector<double>* inv_std) {
   Coefficients<T> co(sh.stats());
+  inv_std->resize(sh.stats());
   for (int64_t i = 0; i < sh.stats(); ++i) {
     const int64_t p = ParamIndex(sh, i, param_stride);
-    inv_std_out[i] = static_cast<F>(co.SetForward(i, mean[i], var[i], gamma[p], beta[p], eps));
+    (*inv_std)[i] = co.SetForward(i, mean[i], var[i], gamma[p], beta[p], eps);
   }
   Cases(residual != nullptr, relu, [&](auto res, auto act) {
     Normalize<T, decltype(res)::value, decltype(act)::value>(sh, x, co, residual ? residual : x, y,
@@ -1109,8 +1106,9 @@ void GradInputWith(const Shape& sh, const T* x, const T* dy, const double* mean,
 }
 
 // sum(dz) and sum(dz * (x - mean)) over every row (BackwardRows, dz as there: y masks dy where
-// given). The pass centres x at K, mean rounded to x's dtype, so that x - K and dz * (x - K) are
-// exact in E<T> (as the statistics' x - K), and the float64 sum is corrected for mean - K.
+// given). The pass centres x at K, mean rounded to x's dtype: x - K and dz * (x - K) are then
+// exact in E<T> for x near K, as the statistics' x - K is (float64 x: K is the mean, and x - K
+// rounds once), and the float64 sum is corrected for mean - K.
 template <class T>
 void GradSums(const Shape& sh, const T* x, const T* dy, const T* y, const double* mean,
               std::vector<double>* sum_dz, std::vector<double>* sum_dz_xmu) {
@@ -1163,12 +1161,15 @@ void Put(const std::vector<double>& values, ffi::Result<ffi::AnyBuffer>& out) {
   for (size_t i = 0; i < values.size(); ++i) p[i] = static_cast<F>(values[i]);
 }
 // What values leave out of their rounding to F: with Put's, float64 to 48 bits (float32 F);
-// zero for float64 F. The forward hands its statistics to the backward that way.
+// zero for float64 F, and for values that are not finite (inf - inf would be NaN). The forward
+// hands its statistics to the backward that way.
 template <class F>
 void PutLow(const std::vector<double>& values, ffi::Result<ffi::AnyBuffer>& out) {
   F* p = Out<F>(out);
-  for (size_t i = 0; i < values.size(); ++i)
-    p[i] = static_cast<F>(values[i] - static_cast<double>(static_cast<F>(values[i])));
+  for (size_t i = 0; i < values.size(); ++i) {
+    const double v = values[i];
+    p[i] = std::isfinite(v) ? static_cast<F>(v - static_cast<double>(static_cast<F>(v))) : F(0);
+  }
 }
 template <class F>
 std::vector<double> Get(const ffi::AnyBuffer& buffer) {
@@ -1244,12 +1245,12 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer gamma, ffi::AnyBuffer be
     const T* res = Maybe<T>(residual);
     std::vector<double> mean64, var64;
     Statistics<T>(sh, xs, &mean64, &var64);
+    std::vector<double> inv_std64;
     NormalizeWith<T, F>(sh, xs, mean64.data(), var64.data(), In<F>(gamma), In<F>(beta), stride,
-                        eps, res, relu, Out<T>(y), Out<F>(inv_std));
+                        eps, res, relu, Out<T>(y), &inv_std64);
     Put<F>(mean64, mean);
     Put<F>(var64, var);
-    std::vector<double> inv_std64(var64.size());
-    for (size_t i = 0; i < var64.size(); ++i) inv_std64[i] = InvStd(var64[i], eps);
+    Put<F>(inv_std64, inv_std);
     PutLow<F>(mean64, mean_low);
     PutLow<F>(inv_std64, inv_std_low);
   });
@@ -1287,8 +1288,10 @@ ffi::Error NormalizeImpl(ffi::AnyBuffer x, ffi::AnyBuffer mean, ffi::AnyBuffer v
     using T = typename decltype(t)::type;
     using F = typename decltype(f)::type;
     const std::vector<double> mean64 = Get<F>(mean), var64 = Get<F>(var);
+    std::vector<double> inv_std64;
     NormalizeWith<T, F>(sh, In<T>(x), mean64.data(), var64.data(), In<F>(gamma), In<F>(beta),
-                        stride, eps, Maybe<T>(residual), relu, Out<T>(y), Out<F>(inv_std));
+                        stride, eps, Maybe<T>(residual), relu, Out<T>(y), &inv_std64);
+    Put<F>(inv_std64, inv_std);
   });
 }
 
@@ -1492,4 +1495,15 @@ static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_kernels",
                               "jaxbn's native CPU batch norm kernels (XLA FFI).", -1, kMethods,
                               nullptr, nullptr, nullptr, nullptr};
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&kModule); }
+// The handlers' operands, results and attributes, as jaxbn/_native.py's _INTERFACE: an
+// extension built from another version of this file is refused there, not by XLA mid-call.
+constexpr long kInterface = 2;
+
+PyMODINIT_FUNC PyInit__kernels(void) {
+  PyObject* module = PyModule_Create(&kModule);
+  if (module != nullptr && PyModule_AddIntConstant(module, "INTERFACE", kInterface) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

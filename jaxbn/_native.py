@@ -44,6 +44,8 @@ except ImportError as error:  # not built: no compiler at install time, or a sou
                     f"compiler: pip install -e .")
 
 ENV = "JAXBN_NATIVE"  # "0" forces the jnp rules
+# The kernels' operands and results (kInterface in jaxbn/_kernels.cc); bumped when they change.
+_INTERFACE = 2
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 _warned: list[bool] = []
 
@@ -51,7 +53,13 @@ _warned: list[bool] = []
 @functools.cache
 def _registration_error() -> str | None:
     """Registers the kernels with XLA once; the reason if XLA refuses them (an extension built
-    against a newer jaxlib than the one installed)."""
+    against a newer jaxlib than the one installed) or they are another jaxbn's (an extension
+    left from before an update of the source tree)."""
+    built = getattr(_kernels, "INTERFACE", 1)
+    if built != _INTERFACE:
+        return (f"the extension jaxbn._kernels was built from another version of jaxbn (kernel "
+                f"interface {built}, this jaxbn needs {_INTERFACE}); rebuild it: "
+                f"pip install --no-build-isolation -e .")
     try:
         for name, capsule in _kernels.targets().items():
             jax.ffi.register_ffi_target(name, capsule, platform="cpu")
@@ -135,7 +143,7 @@ def forward(x, gamma, beta, residual, config):
     axis of ``x``; ``y`` with the config's epilogue. ``mean_low`` and ``inv_std_low`` are what
     the float32 ``mean`` and ``inv_std`` leave out of the kernels' float64 ones (zero for
     float64 statistics): the fused backward takes the statistics from them, to 48 bits,
-    instead of a second pass over ``x`` for its own."""
+    instead of recomputing them in its sums pass."""
     stat, keep = _stat_dtype(x), _kept(x, config)
     y, *stats = _partition.forward(x, gamma.astype(stat).reshape(-1),
                                    beta.astype(stat).reshape(-1), residual, axis=config.native,

@@ -122,12 +122,14 @@ def _normalize_core(x, gamma, beta, residual, config):
 def _normalize_core_fwd(x, gamma, beta, residual, config):
     if config.native is not None:  # the same computation in one C++ kernel
         y, mean, var, inv_std, *low = _native.forward(x, gamma, beta, residual, config)
+        low = tuple(low)
     else:
         mean, var = statistics(x, config, stat_dtype(x.dtype, gamma.dtype, beta.dtype))
         inv_std = jax.lax.rsqrt(var + config.eps)
-        y, low = scale_shift(x, mean, inv_std, gamma, beta, residual, config.activation), None
+        y = scale_shift(x, mean, inv_std, gamma, beta, residual, config.activation)
+        low = None
     out = None if config.activation is None else y
-    return (y, mean, var), Residuals(x, mean, inv_std, gamma, out, low and tuple(low))
+    return (y, mean, var), Residuals(x, mean, inv_std, gamma, out, low)
 
 
 def _normalize_core_bwd(config, residuals, cotangents):

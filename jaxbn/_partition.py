@@ -113,8 +113,9 @@ def local_backward(x, dy, mean, mean_low, inv_std, inv_std_low, gamma, *out, nb:
                    dz: bool = False, reduce_axes: tuple[str, ...] = (), shards: int = 1):
     """``(dx, dgamma, dbeta)`` of one shard, the two per-feature sums summed across
     ``reduce_axes``. Unsplit, the kernel takes the statistics as ``mean + mean_low`` and
-    ``inv_std + inv_std_low`` in float64 (the forward's, to 48 bits); split, the merged float32
-    ones (the lows are zero there).
+    ``inv_std + inv_std_low`` in float64 (the forward's, to 48 bits); split, the float32 ones
+    alone (the lows are not read). After a split forward the lows are zero, and where XLA then
+    runs the backward unsplit (x resharded between the two), it has the jnp rule's accuracy.
 
     ``out`` (where given): the forward's ReLU output; ``dy`` is masked by ``out > 0`` (in the
     kernel's passes unsplit, by XLA before the kernels split), and with ``dz`` the masked

@@ -50,10 +50,10 @@ MATRIX = ([(dtype, case) for dtype in (F32, F64) for case in CASES]
           + [(dtype, case) for dtype in (BF16, F16) for case in (CASES[1], CASES[2], CASES[5])])
 
 
-def _bn(layout, backward="alt", momentum=0.9):
+def _bn(layout, backward="alt", momentum=0.9, activation=None):
     def f(x, gamma, beta):
         state = jaxbn.init_batch_norm_state(gamma.shape[0], gamma.dtype)
-        kw = dict(train=True, backward=backward, momentum=momentum)
+        kw = dict(train=True, backward=backward, momentum=momentum, activation=activation)
         if isinstance(layout, str):
             y, s = jaxbn.spatial_batch_norm(x, gamma, beta, state, layout=layout, **kw)
         else:
@@ -139,24 +139,27 @@ EXACTNESS = [  # (shape, layout or feature axis, offset, scale)
 ]
 
 
+@pytest.mark.parametrize("activation", [None, "relu"])
 @pytest.mark.parametrize("shape, layout", [((64, 10), -1), ((8, 6, 5, 7), "NCHW"),
                                            ((8, 5, 7, 6), "NHWC")])
-def test_the_backward_takes_the_forwards_float64_statistics(shape, layout):
+def test_the_backward_takes_the_forwards_float64_statistics(shape, layout, activation):
     """At offset 1e4 with std 1 a float32 mean is off by up to 5e-4 standard deviations, which
     costs dx and dgamma 1e-5 to 3e-4 relative when the backward centres x with it (as the jnp
     rule does). The native backward gets the forward's float64 mean and inv_std (float32 value
-    plus low part) and stays within a few float32 roundings of float64."""
+    plus low part) and stays within a few float32 roundings of float64, the ReLU epilogue's
+    masked sums included."""
     channel_axis = 1 if layout == "NCHW" else len(shape) - 1
     c = shape[channel_axis]
     x = rand(0, shape, jnp.float32, 1.0, 1e4)
     gamma, beta = rand(1, (c,), jnp.float32, 0.5, 1.0), rand(2, (c,), jnp.float32)
     dy = rand(3, shape, jnp.float32)
-    _, _, _, dx64 = _float64_batch_norm(x, gamma, beta, dy, channel_axis)
+    y, _, (dx, dgamma, _) = _vjp(True, _bn(layout, activation=activation), (x, gamma, beta), dy)
+    dz = np.asarray(dy, np.float64) * (np.asarray(y) > 0 if activation else 1.0)  # y's mask
+    _, _, _, dx64 = _float64_batch_norm(x, gamma, beta, dz, channel_axis)
     axes = tuple(a for a in range(len(shape)) if a != channel_axis)
-    x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    x64 = np.asarray(x, np.float64)
     x_hat = (x64 - x64.mean(axes, keepdims=True)) / np.sqrt(x64.var(axes, keepdims=True) + 1e-5)
-    dgamma64 = (dy64 * x_hat).sum(axes)
-    _, _, (dx, dgamma, _) = _vjp(True, _bn(layout), (x, gamma, beta), dy)
+    dgamma64 = (dz * x_hat).sum(axes)
     for got, want in ((dx, dx64), (dgamma, dgamma64)):
         error = np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want))
         assert error < 2e-7, error
@@ -320,6 +323,20 @@ def test_an_extension_xla_refuses_falls_back_with_the_reason(monkeypatch):
     with pytest.warns(RuntimeWarning, match="XLA refused"):
         jaxpr = str(jax.make_jaxpr(_bn(-1))(x, gamma, beta))
     assert "jaxbn_batch_norm" not in jaxpr
+
+
+def test_an_extension_from_another_jaxbn_is_refused_before_xla_sees_it(monkeypatch):
+    """An extension left from an older source tree has other operands (this one's backward
+    takes the forward's statistics): it is refused by its interface number, with the fix."""
+    assert _native._kernels.INTERFACE == _native._INTERFACE
+    registered = []
+    monkeypatch.setattr(jax.ffi, "register_ffi_target", lambda *a, **k: registered.append(a))
+    monkeypatch.setattr(_native._kernels, "INTERFACE", _native._INTERFACE - 1)
+    reason = _native._registration_error.__wrapped__()
+    assert f"kernel interface {_native._INTERFACE - 1}, this jaxbn needs" in reason
+    assert "pip install --no-build-isolation -e ." in reason and registered == []
+    monkeypatch.delattr(_native._kernels, "INTERFACE")  # built before the number existed
+    assert "kernel interface 1," in _native._registration_error.__wrapped__()
 
 
 def test_layer_and_group_norm_never_reach_the_batch_norm_kernel():
