@@ -1128,12 +1128,124 @@ void GradSums(const Shape& sh, const T* x, const T* dy, const T* y, const double
   *sum_dz_xmu = std::move(sums[1]);
 }
 
+// Channel by channel: for NCHW-like inputs whose channel is long spans that fit a core's L2
+// (sizes below), the fused passes run one (b, c) at a time, its sums and then its elementwise
+// pass, so that the second pass reads x (and dy) from L2 instead of memory. The arithmetic and
+// its order are the two-pass path's (the same blocks of rows, added in the same order; the same
+// spans), so the bits are too.
+constexpr int64_t kChannelMinSpanBytes = 1024;  // shorter spans share lines with other channels
+constexpr int64_t kChannelMaxBytes = 256 << 10;  // per array: x and dy in a 1 MiB L2, with room
+constexpr int64_t kChannelMinCount = 16;  // enough (b, c) to keep every thread busy
+template <class T>
+bool ByChannel(const Shape& sh) {
+  const int64_t bytes = static_cast<int64_t>(sizeof(T));
+  return sh.inner * bytes >= kChannelMinSpanBytes && sh.values() * bytes <= kChannelMaxBytes &&
+         sh.stats() >= kChannelMinCount;
+}
+
+// Runs per_block(i, b, r0, r1) for every block of rows of statistic i = (b, c), in block order
+// (Sums' blocks), then done(i, b, c); statistics in parallel.
+template <class Block, class Done>
+void EachStatistic(const Shape& sh, Block per_block, Done done) {
+  ParallelFor(sh.stats(), sh.values(), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t b = i / sh.channels, per = sh.block_rows();
+      for (int64_t k = 0; k < sh.blocks(); ++k)
+        per_block(i, b, k * per, std::min(sh.rows, (k + 1) * per));
+      done(i, b, i % sh.channels);
+    }
+  });
+}
+
+// Statistics, then NormalizeWith, channel by channel (ByChannel).
+template <class T, class F>
+void ForwardByChannel(const Shape& sh, const T* x, const F* gamma, const F* beta,
+                      int64_t param_stride, double eps, const T* res, bool relu, T* y,
+                      std::vector<double>* mean, std::vector<double>* var,
+                      std::vector<double>* inv_std) {
+  const int64_t C = sh.channels, S = sh.inner, n = sh.stats();
+  std::vector<E<T>> shift(n);
+  std::vector<double> sum(n), square_sum(n);
+  mean->resize(n);
+  var->resize(n);
+  inv_std->resize(n);
+  Coefficients<T> co(n);
+  const bool stream = Streams<T>(sh);
+  Cases(res != nullptr, relu, [&](auto with_res, auto with_relu) {
+    constexpr bool kRes = decltype(with_res)::value, kRelu = decltype(with_relu)::value;
+    EachStatistic(
+        sh,
+        [&](int64_t i, int64_t b, int64_t r0, int64_t r1) {
+          const int64_t c = i % C;
+          if (r0 == 0) shift[i] = Load(x[(b * sh.rows * C + c) * S]);
+          double s1 = 0.0, s2 = 0.0;
+          StatsRows<T>(sh, x, b, r0, r1, c, c + 1, &shift[i], &s1, &s2);
+          sum[i] += s1;
+          square_sum[i] += s2;
+        },
+        [&](int64_t i, int64_t b, int64_t c) {
+          Moments(shift[i], sum[i], square_sum[i], static_cast<double>(sh.values()),
+                  &(*mean)[i], &(*var)[i]);
+          const int64_t p = ParamIndex(sh, i, param_stride);
+          (*inv_std)[i] = co.SetForward(i, (*mean)[i], (*var)[i], gamma[p], beta[p], eps);
+          for (int64_t r = 0; r < sh.rows; ++r) {
+            const int64_t o = ((b * sh.rows + r) * C + c) * S;
+            NormalizeSpan<T, kRes, kRelu>(x + o, (kRes ? res : x) + o, y + o, S, co.mean[i],
+                                          co.a[i], co.k1[i], stream);
+          }
+        });
+  });
+}
+
+// FusedBackward channel by channel (ByChannel).
+template <class T, class F>
+void BackwardByChannel(const Shape& sh, const T* x, const T* dy, const T* y, const double* mean,
+                       const double* inv_std, const F* gamma, int64_t param_stride, T* dx,
+                       T* dz, double* dgamma, double* dbeta) {
+  const int64_t C = sh.channels, S = sh.inner, n = sh.stats();
+  std::vector<E<T>> center(n);
+  for (int64_t i = 0; i < n; ++i) center[i] = Load(Store<T, E<T>>(static_cast<E<T>>(mean[i])));
+  std::vector<double> sum_dz(n), sum_dz_xmu(n);
+  Coefficients<T> co(n);
+  const bool stream = Streams<T>(sh);
+  Cases(y != nullptr, dz != nullptr, [&](auto mask, auto write) {
+    constexpr bool kMask = decltype(mask)::value, kDz = decltype(write)::value;
+    if constexpr (kMask || !kDz)
+      EachStatistic(
+          sh,
+          [&](int64_t i, int64_t b, int64_t r0, int64_t r1) {
+            const int64_t c = i % C;
+            double s1 = 0.0, s2 = 0.0;
+            BackwardRows<T, kMask>(sh, x, dy, kMask ? y : dy, b, r0, r1, c, c + 1, &center[i],
+                                   &s1, &s2);
+            sum_dz[i] += s1;
+            sum_dz_xmu[i] += s2;
+          },
+          [&](int64_t i, int64_t b, int64_t c) {
+            sum_dz_xmu[i] -= (mean[i] - static_cast<double>(center[i])) * sum_dz[i];
+            dgamma[i] = sum_dz_xmu[i] * inv_std[i];
+            dbeta[i] = sum_dz[i];
+            co.SetBackward(i, mean[i], inv_std[i], gamma[ParamIndex(sh, i, param_stride)],
+                           sum_dz[i], sum_dz_xmu[i], static_cast<double>(sh.values()));
+            for (int64_t r = 0; r < sh.rows; ++r) {
+              const int64_t o = ((b * sh.rows + r) * C + c) * S;
+              GradSpan<T, kMask, kDz>(x + o, dy + o, (kMask ? y : dy) + o,
+                                      kDz ? dz + o : nullptr, dx + o, S, co.mean[i], co.a[i],
+                                      co.k1[i], co.k2[i], stream);
+            }
+          });
+  });
+}
+
 // The fused backward's two passes from the forward's float64 statistics: the sums (GradSums),
 // then dx and the parameters' gradients (in float64).
 template <class T, class F>
 void FusedBackward(const Shape& sh, const T* xs, const T* dys, const T* ys, const double* mean,
                    const double* inv_std, const F* gamma, int64_t param_stride, T* dx, T* dz,
                    double* dgamma, double* dbeta) {
+  if (ByChannel<T>(sh))
+    return BackwardByChannel<T, F>(sh, xs, dys, ys, mean, inv_std, gamma, param_stride, dx, dz,
+                                   dgamma, dbeta);
   std::vector<double> sum_dz, sum_dz_xmu;
   GradSums<T>(sh, xs, dys, ys, mean, &sum_dz, &sum_dz_xmu);
   for (int64_t i = 0; i < sh.stats(); ++i) {
@@ -1243,11 +1355,15 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer gamma, ffi::AnyBuffer be
     using F = typename decltype(f)::type;
     const T* xs = In<T>(x);
     const T* res = Maybe<T>(residual);
-    std::vector<double> mean64, var64;
-    Statistics<T>(sh, xs, &mean64, &var64);
-    std::vector<double> inv_std64;
-    NormalizeWith<T, F>(sh, xs, mean64.data(), var64.data(), In<F>(gamma), In<F>(beta), stride,
-                        eps, res, relu, Out<T>(y), &inv_std64);
+    std::vector<double> mean64, var64, inv_std64;
+    if (ByChannel<T>(sh)) {
+      ForwardByChannel<T, F>(sh, xs, In<F>(gamma), In<F>(beta), stride, eps, res, relu, Out<T>(y),
+                             &mean64, &var64, &inv_std64);
+    } else {
+      Statistics<T>(sh, xs, &mean64, &var64);
+      NormalizeWith<T, F>(sh, xs, mean64.data(), var64.data(), In<F>(gamma), In<F>(beta),
+                          stride, eps, res, relu, Out<T>(y), &inv_std64);
+    }
     Put<F>(mean64, mean);
     Put<F>(var64, var);
     Put<F>(inv_std64, inv_std);

@@ -231,6 +231,34 @@ def test_a_features_results_do_not_depend_on_its_position(dtype):
     np.testing.assert_array_equal(np.asarray(s.var)[perm], np.asarray(s_moved.var))
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_channel_by_channel_gives_the_two_pass_bits(dtype, fused):
+    """NCHW with long spans per channel and at least 16 (b, c) runs each channel's sums and then
+    its elementwise pass (x still in L2); 8 channels take the two passes over the whole batch.
+    The first 8 channels of 16 get the bits they get alone: y, statistics, dx, dgamma, dbeta and,
+    fused (ReLU + residual), the residual's gradient. 24 x 24 inner values: 4 blocks of rows."""
+    x, dy, r = (rand(seed, (4, 16, 24, 24), dtype, 2.0, 3.0) for seed in (0, 1, 2))
+    gamma, beta = rand(3, (16,), jnp.float32, 0.5, 1.0), rand(4, (16,), jnp.float32)
+
+    def vjp(x, dy, r, gamma, beta):
+        def f(x, gamma, beta, r):
+            state = jaxbn.init_batch_norm_state(gamma.shape[0])
+            kw = dict(activation="relu", residual=r) if fused else {}
+            y, s = jaxbn.spatial_batch_norm(x, gamma, beta, state, train=True, momentum=0.0, **kw)
+            return y, (s.mean, s.var)
+        y, pullback, stats = jax.vjp(f, x, gamma, beta, r, has_aux=True)
+        return y, stats, pullback(dy)
+
+    run = jax.jit(vjp)
+    every = jax.tree.leaves(run(x, dy, r, gamma, beta))
+    first = jax.tree.leaves(run(x[:, :8], dy[:, :8], r[:, :8], gamma[:8], beta[:8]))
+    assert len(every) == len(first) == 7  # y, mean, var, dx, dgamma, dbeta, dr
+    for a, b in zip(every, first):
+        a = np.asarray(a)
+        np.testing.assert_array_equal(a[:, :8] if a.ndim == 4 else a[:8], np.asarray(b))
+
+
 def test_bitwise_deterministic_across_calls_and_thread_counts(monkeypatch):
     x, gamma, beta = _inputs((65536, 16), -1, jnp.float32, offset=50.0)
     dy = rand(3, x.shape, jnp.float32)
