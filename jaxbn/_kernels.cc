@@ -8,7 +8,9 @@
 //
 // Handlers. The fused pair runs a whole batch in two passes each way, the fewest the math
 // allows: forward reads x once for the statistics and once to write y; backward reads x and dy
-// once for sum(dy) and sum(dy * (x - mean)) and once to write dx.
+// once for sum(dy) and sum(dy * (x - mean)) and once to write dx. Where a channel's values are
+// long spans that fit a core's L2 (NCHW-like; ByChannel), both passes run one channel at a
+// time, so that the second reads from L2.
 //   jaxbn_batch_norm_forward   x, gamma, beta -> y, mean, var, inv_std, mean_low, inv_std_low
 //   jaxbn_batch_norm_backward  x, dy, mean, mean_low, inv_std, inv_std_low, gamma
 //                              -> dx, dgamma, dbeta
