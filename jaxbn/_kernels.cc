@@ -1053,13 +1053,31 @@ void GradInput(const Shape& sh, const T* x, const T* dy, const T* y, const Coeff
   });
 }
 
+// The statistics pass's shift K of statistic i = (b, c): its first value, exact in E<T>.
+template <class T>
+E<T> Shift(const Shape& sh, const T* x, int64_t i) {
+  return Load(x[((i / sh.channels) * sh.rows * sh.channels + i % sh.channels) * sh.inner]);
+}
+
+// The backward's centres K: each mean rounded to x's dtype (GradSums).
+template <class T>
+std::vector<E<T>> Centers(const double* mean, int64_t n) {
+  std::vector<E<T>> center(n);
+  for (int64_t i = 0; i < n; ++i) center[i] = Load(Store<T, E<T>>(static_cast<E<T>>(mean[i])));
+  return center;
+}
+
+// sum(dz * (x - mean)) from sum(dz * (x - center)) and sum(dz), in float64.
+inline double AtMean(double sum_dz_xk, double mean, double center, double sum_dz) {
+  return sum_dz_xk - (mean - center) * sum_dz;
+}
+
 // Batch mean and biased variance of every (b, c), in float64.
 template <class T>
 void Statistics(const Shape& sh, const T* x, std::vector<double>* mean, std::vector<double>* var) {
-  const int64_t C = sh.channels, S = sh.inner, R = sh.rows;
-  std::vector<E<T>> shift(sh.stats());  // x values: exact in E<T>
-  for (int64_t b = 0; b < sh.batches; ++b)
-    for (int64_t c = 0; c < C; ++c) shift[b * C + c] = Load(x[(b * R * C + c) * S]);
+  const int64_t C = sh.channels;
+  std::vector<E<T>> shift(sh.stats());
+  for (int64_t i = 0; i < sh.stats(); ++i) shift[i] = Shift(sh, x, i);
   const auto [sum, square_sum] = Sums<2>(
       sh, [&](int64_t b, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* const* acc) {
         StatsRows<T>(sh, x, b, r0, r1, c0, c1, shift.data() + b * C + c0, acc[0], acc[1]);
@@ -1114,9 +1132,7 @@ void GradInputWith(const Shape& sh, const T* x, const T* dy, const double* mean,
 template <class T>
 void GradSums(const Shape& sh, const T* x, const T* dy, const T* y, const double* mean,
               std::vector<double>* sum_dz, std::vector<double>* sum_dz_xmu) {
-  std::vector<E<T>> center(sh.stats());
-  for (int64_t i = 0; i < sh.stats(); ++i)
-    center[i] = Load(Store<T, E<T>>(static_cast<E<T>>(mean[i])));
+  const std::vector<E<T>> center = Centers<T>(mean, sh.stats());
   const int64_t C = sh.channels;
   auto sums = Sums<2>(
       sh, [&](int64_t b, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* const* acc) {
@@ -1125,7 +1141,7 @@ void GradSums(const Shape& sh, const T* x, const T* dy, const T* y, const double
         else BackwardRows<T, false>(sh, x, dy, dy, b, r0, r1, c0, c1, k, acc[0], acc[1]);
       });
   for (int64_t i = 0; i < sh.stats(); ++i)
-    sums[1][i] -= (mean[i] - static_cast<double>(center[i])) * sums[0][i];
+    sums[1][i] = AtMean(sums[1][i], mean[i], center[i], sums[0][i]);
   *sum_dz = std::move(sums[0]);
   *sum_dz_xmu = std::move(sums[1]);
 }
@@ -1179,7 +1195,7 @@ void ForwardByChannel(const Shape& sh, const T* x, const F* gamma, const F* beta
         sh,
         [&](int64_t i, int64_t b, int64_t r0, int64_t r1) {
           const int64_t c = i % C;
-          if (r0 == 0) shift[i] = Load(x[(b * sh.rows * C + c) * S]);
+          if (r0 == 0) shift[i] = Shift(sh, x, i);
           double s1 = 0.0, s2 = 0.0;
           StatsRows<T>(sh, x, b, r0, r1, c, c + 1, &shift[i], &s1, &s2);
           sum[i] += s1;
@@ -1205,8 +1221,7 @@ void BackwardByChannel(const Shape& sh, const T* x, const T* dy, const T* y, con
                        const double* inv_std, const F* gamma, int64_t param_stride, T* dx,
                        T* dz, double* dgamma, double* dbeta) {
   const int64_t C = sh.channels, S = sh.inner, n = sh.stats();
-  std::vector<E<T>> center(n);
-  for (int64_t i = 0; i < n; ++i) center[i] = Load(Store<T, E<T>>(static_cast<E<T>>(mean[i])));
+  const std::vector<E<T>> center = Centers<T>(mean, n);
   std::vector<double> sum_dz(n), sum_dz_xmu(n);
   Coefficients<T> co(n);
   const bool stream = Streams<T>(sh);
@@ -1224,7 +1239,7 @@ void BackwardByChannel(const Shape& sh, const T* x, const T* dy, const T* y, con
             sum_dz_xmu[i] += s2;
           },
           [&](int64_t i, int64_t b, int64_t c) {
-            sum_dz_xmu[i] -= (mean[i] - static_cast<double>(center[i])) * sum_dz[i];
+            sum_dz_xmu[i] = AtMean(sum_dz_xmu[i], mean[i], center[i], sum_dz[i]);
             dgamma[i] = sum_dz_xmu[i] * inv_std[i];
             dbeta[i] = sum_dz[i];
             co.SetBackward(i, mean[i], inv_std[i], gamma[ParamIndex(sh, i, param_stride)],
